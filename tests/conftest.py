@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import tiny_model, tiny_tokenizer  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_data(*parts: str) -> Path:
+    """A path under ../shared/data, skipping the test with the reason when it is absent."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the integration data lives in ../shared/data beside the checkout")
+    return path
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def llama():
+    return tiny_model("llama")
+
+
+@pytest.fixture
+def gpt2():
+    return tiny_model("gpt2")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M (float32), loaded once per session."""
+    from lightning_kedit import load_model
+
+    try:
+        return load_model("smollm2")
+    except Exception as err:  # pragma: no cover - depends on the machine's set-up
+        pytest.skip(f"the embedded model cannot be loaded: {err}")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_torch_threads():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
