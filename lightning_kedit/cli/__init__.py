@@ -85,11 +85,24 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
+def _quiet_transformers() -> None:
+    """Keep the terminal for our own output: no per-tensor loading bars from transformers."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``kedit`` console script."""
     from lightning_kedit.errors import KeditError
 
     args_list = list(sys.argv[1:] if argv is None else argv)
+    _quiet_transformers()
     if args_list and args_list[0] in LIGHTNING_COMMANDS:
         from lightning_kedit.lightning.cli import run_lightning_cli
 

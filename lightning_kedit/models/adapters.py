@@ -107,7 +107,7 @@ def default_edit_layers(num_layers: int, window: int = 5) -> list[int]:
     if num_layers < 1:
         raise ValueError(f"`num_layers` must be positive, got {num_layers}")
     size = max(1, min(window, num_layers - 1))
-    start = min(round(num_layers * 0.13), num_layers - size)
+    start = min(round(num_layers * 0.13), num_layers - 1 - size)
     start = max(0, start)
     return list(range(start, start + size))
 

@@ -111,7 +111,7 @@ def _export_gguf(path: Path, target: Path) -> None:
             "the file is corrupt or truncated: download or reinstall it"
         ) from err
     # A GGUF-loaded model refuses save_pretrained while it carries its quantization markers.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -172,6 +172,7 @@ def load_model(
         ) from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device).eval()
+    model.to(device)  # type: ignore[arg-type]
+    model.eval()
     model.config._kedit_spec = str(spec)
     return model, tokenizer
