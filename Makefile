@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/kedit demo
 
 test: $(STAMP)
-	$(PY) -m ruff check lightning_kedit tests benchmarks examples
+	$(PY) -m ruff check .
 	$(PY) -m mypy lightning_kedit
 	$(PY) -m pytest -q -p no:cacheprovider
 
