@@ -1,0 +1,603 @@
+"""What an edit changed: per-layer weight updates that apply atomically, revert exactly and travel as one file.
+
+An :class:`EditDelta` holds, for each edited layer, the update of the MLP output projection in ``out x in``
+layout (exact low-rank factors ``U Vᵀ`` when they are smaller than the dense matrix), the hash of the weight
+it was computed on and of the weight it produces, and the edit's metadata (method, hyper-parameters, request
+ids, model fingerprint). Applying checks the base hashes, computes every new weight in float64 before any is
+written, and restores all of them if anything fails; reverting restores the kept original weights bit for
+bit. Deltas compose, and save to a single safetensors file whose header holds the metadata as JSON.
+
+Example:
+    >>> import torch
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=16))
+    >>> before = model.transformer.h[1].mlp.c_proj.weight.clone()
+    >>> delta = EditDelta.from_model(model, {1: torch.ones(8, 32)}, method="demo")
+    >>> with delta.applied(model):
+    ...     bool((model.transformer.h[1].mlp.c_proj.weight - before).abs().min() > 0.99)
+    True
+    >>> torch.equal(model.transformer.h[1].mlp.c_proj.weight, before)
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_kedit.editing.solvers import LowRankUpdate
+from lightning_kedit.errors import KeditError
+from lightning_kedit.models.adapters import ModelAdapter
+
+__all__ = ["DeltaError", "DeltaFileError", "DeltaMismatchError", "EditDelta", "LayerUpdate", "RevertReport"]
+
+FORMAT = "lightning_kedit.delta"
+FORMAT_VERSION = "1"
+
+
+class DeltaError(KeditError):
+    """A delta that cannot be applied, reverted or saved as asked."""
+
+
+class DeltaMismatchError(DeltaError):
+    """A delta and a model whose weights or architecture do not match (``force=True`` / ``--force``)."""
+
+
+class DeltaFileError(DeltaError):
+    """A delta file that is missing, unreadable or corrupt."""
+
+
+def _weights_hash(tensor: Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes."""
+    data = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{data.dtype}|{tuple(data.shape)}|".encode())
+    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _fingerprint(model: nn.Module, tokenizer: Any, layers: list[int]) -> dict[str, str]:
+    """The model fingerprint with a tokenizer; without one, the architecture's sizes."""
+    if tokenizer is not None:
+        from lightning_kedit.models.fingerprint import model_fingerprint
+
+        return dict(model_fingerprint(model, tokenizer, layers))
+    adapter = ModelAdapter.for_model(model)
+    return {"model_type": adapter.model_type, "num_layers": str(adapter.num_layers),
+            "key_size": str(adapter.key_size), "value_size": str(adapter.value_size)}
+
+
+def _hparams_dict(hparams: Any) -> dict[str, Any]:
+    """A dataclass instance or mapping as a plain dict (None gives ``{}``)."""
+    if dataclasses.is_dataclass(hparams) and not isinstance(hparams, type):
+        return dataclasses.asdict(hparams)
+    return dict(hparams or {})
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LayerUpdate:
+    """The update of one layer's projection weight, in ``out x in`` layout.
+
+    Args:
+        layer: block index.
+        weight_name: the fully qualified parameter name (``ModelAdapter.weight_name``).
+        base_hash: hash of the stored weight the update was computed on.
+        result_hash: hash of the stored weight the update produces from that base, when known.
+        transposed: the weight is stored ``in x out`` (GPT-2's ``Conv1D``).
+        factors: the update as ``u @ v.T`` (exclusive with ``matrix``).
+        matrix: the dense ``(dv, dk)`` update (exclusive with ``factors``).
+    """
+
+    layer: int
+    weight_name: str
+    base_hash: str
+    result_hash: str | None = None
+    transposed: bool = False
+    factors: LowRankUpdate | None = None
+    matrix: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.factors is None) == (self.matrix is None):
+            raise ValueError(f"layer {self.layer}: give exactly one of `factors` and `matrix`")
+        tensors = self.factors if self.factors is not None else (self.matrix,)
+        if not all(torch.isfinite(t).all() for t in tensors if t is not None):
+            raise DeltaError(f"layer {self.layer}: the update holds nan or inf values; the edit diverged")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(dv, dk)``."""
+        if self.factors is not None:
+            return self.factors.shape
+        assert self.matrix is not None
+        return int(self.matrix.shape[0]), int(self.matrix.shape[1])
+
+    @property
+    def rank(self) -> int | None:
+        """The number of factor columns, or None for a dense update."""
+        return None if self.factors is None else self.factors.rank
+
+    def dense(self) -> Tensor:
+        """The update as a dense ``(dv, dk)`` matrix."""
+        if self.factors is not None:
+            return self.factors.dense()
+        assert self.matrix is not None
+        return self.matrix
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The stored tensors, by name (``u``/``v`` or ``delta``)."""
+        if self.factors is not None:
+            return {"u": self.factors.u, "v": self.factors.v}
+        assert self.matrix is not None
+        return {"delta": self.matrix}
+
+    def record(self) -> dict[str, Any]:
+        return {"layer": self.layer, "weight_name": self.weight_name, "base_hash": self.base_hash,
+                "result_hash": self.result_hash, "transposed": self.transposed}
+
+    def applied_to(self, weight: Tensor, *, sign: float = 1.0) -> Tensor:
+        """``weight ± update`` in the weight's stored layout and dtype (see :func:`_updated`)."""
+        return _updated(weight, sign * self.dense(), self.transposed)
+
+
+def _compact(update: Tensor | LowRankUpdate, shape: tuple[int, int], layer: int) -> dict[str, Any]:
+    """``factors=`` when ``(dv + dk) r < dv dk``, else ``matrix=``; float64, on the CPU."""
+    if isinstance(update, LowRankUpdate):
+        u, v = (t.detach().to("cpu", torch.float64) for t in update)
+        factors = LowRankUpdate(u, v)
+        if factors.shape != shape or factors.u.shape[1] != factors.v.shape[1]:
+            raise ValueError(f"update of layer {layer}: factors give {factors.shape}, the weight is {shape}")
+        if (shape[0] + shape[1]) * factors.rank < shape[0] * shape[1]:
+            return {"factors": factors}
+        return {"matrix": factors.dense()}
+    if not isinstance(update, Tensor) or tuple(update.shape) != shape:
+        got = tuple(update.shape) if isinstance(update, Tensor) else type(update).__name__
+        raise ValueError(f"update of layer {layer} must be an out x in tensor of shape {shape}, got {got}")
+    return {"matrix": update.detach().to("cpu", torch.float64).contiguous()}
+
+
+def _updated(weight: Tensor, delta: Tensor, transposed: bool) -> Tensor:
+    """``weight + delta`` computed in float64 (float32 on MPS) and cast back to the weight's dtype."""
+    compute = torch.float32 if weight.device.type == "mps" else torch.float64
+    step = delta.T if transposed else delta
+    return (weight.detach().to(compute) + step.to(weight.device, compute)).to(weight.dtype)
+
+
+def _write(param: Tensor, value: Tensor) -> None:
+    with torch.no_grad():
+        param.copy_(value)
+
+
+def _write_all(params: Mapping[int, Tensor], values: Mapping[int, Tensor], originals: Mapping[int, Tensor]) -> None:
+    """Write every value, or, if anything (even a KeyboardInterrupt) stops it, restore every original."""
+    try:
+        for layer, value in values.items():
+            _write(params[layer], value)
+    except BaseException:
+        for layer, original in originals.items():
+            _write(params[layer], original)
+        raise
+
+
+@dataclasses.dataclass(frozen=True)
+class RevertReport:
+    """How exactly a revert restored the base weights.
+
+    Args:
+        exact: every layer is bit-identical to the weights the delta was applied to.
+        max_deviation: per layer, an upper bound of ``|reverted − base|`` (0.0 where bit-exact): the rounding
+            of applying and of subtracting, ``eps/2 (|W_applied| + |W_reverted|)``.
+    """
+
+    exact: bool
+    max_deviation: dict[int, float]
+
+
+class _ClassOrInstance:
+    """``EditDelta.compose([d1, d2])`` on the class, ``d1.compose(d2)`` on an instance."""
+
+    def __init__(self, func: Callable[..., EditDelta]) -> None:
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj: EditDelta | None, owner: type[EditDelta]) -> Callable[..., EditDelta]:
+        if obj is None:
+            return lambda deltas, **kw: self.func(owner, list(deltas), **kw)
+        return lambda *others, **kw: self.func(owner, [obj, *others], **kw)
+
+
+class EditDelta:
+    """The weight updates of an edit, with what is needed to apply, revert, save and combine them.
+
+    Build one with :meth:`from_model` (which hashes the weights the update was computed on) or load one
+    with :meth:`load`.
+
+    Args:
+        updates: one :class:`LayerUpdate` per edited layer.
+        method: the editing method (``"memit"``, ``"rome"``, ``"ft"``, ...).
+        hparams: the hyper-parameters (a mapping or a dataclass; stored as JSON).
+        request_ids: ids of the edit requests written by this delta.
+        fingerprint: identity of the model the delta was computed on.
+        base: stored-layout base weights per layer, for a bit-exact revert from a file.
+        composed_of: digests of the deltas this one was composed from.
+
+    Example:
+        >>> import torch
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=16))
+        >>> delta = EditDelta.from_model(model, {0: torch.zeros(8, 32)}, method="demo")
+        >>> delta.layers, delta.method
+        ([0], 'demo')
+    """
+
+    def __init__(
+        self,
+        updates: Sequence[LayerUpdate],
+        *,
+        method: str,
+        hparams: Mapping[str, Any] | Any = None,
+        request_ids: Sequence[str] = (),
+        fingerprint: Mapping[str, str] | None = None,
+        base: Mapping[int, Tensor] | None = None,
+        composed_of: Sequence[str] = (),
+    ) -> None:
+        if not updates:
+            raise ValueError("`updates` is empty; a delta must change at least one layer")
+        layers = [u.layer for u in updates]
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"`updates` has several updates for one layer: layers {layers}")
+        if not isinstance(method, str) or not method:
+            raise ValueError(f"`method` must be a non-empty string, got {method!r}")
+        as_dict = _hparams_dict(hparams)
+        try:
+            json.dumps(as_dict)
+        except TypeError as err:
+            raise ValueError(f"`hparams` must be JSON-serialisable, got {hparams!r}: {err}") from err
+        self._updates = {u.layer: u for u in sorted(updates, key=lambda u: u.layer)}
+        self.method = method
+        self.hparams = as_dict
+        self.request_ids = tuple(str(i) for i in request_ids)
+        self.fingerprint = dict(fingerprint or {})
+        self.composed_of = tuple(composed_of)
+        self.base = {int(k): v for k, v in (base or {}).items()}
+        unknown = sorted(set(self.base) - set(self._updates))
+        if unknown:
+            raise ValueError(f"`base` has weights for layers {unknown} that the delta does not edit")
+        self._originals: weakref.WeakKeyDictionary[nn.Module, dict[int, Tensor]] = weakref.WeakKeyDictionary()
+        self._digest: str | None = None
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        updates: Mapping[int, Tensor | LowRankUpdate],
+        *,
+        method: str,
+        hparams: Mapping[str, Any] | Any = None,
+        request_ids: Sequence[str] = (),
+        tokenizer: Any = None,
+        fingerprint: Mapping[str, str] | None = None,
+        keep_base: bool = False,
+    ) -> EditDelta:
+        """A delta of ``updates`` (``out x in`` tensors or factors, by layer) computed on ``model``'s weights.
+
+        Records each layer's weight name and the hashes of its current weight and of the weight the update
+        gives. ``keep_base`` keeps a copy of the current weights (for ``save(with_base=True)`` before
+        applying); the fingerprint is computed when ``tokenizer`` is given and ``fingerprint`` is not.
+        """
+        adapter = ModelAdapter.for_model(model)
+        layers = adapter.check_layers(list(updates))
+        records = []
+        for layer in layers:
+            weight = adapter.weight(layer)
+            shape = tuple(adapter.from_stored_layout(weight).shape)
+            stored = _compact(updates[layer], (int(shape[0]), int(shape[1])), layer)
+            record = LayerUpdate(layer, adapter.weight_name(layer), _weights_hash(weight), None,
+                                 adapter.is_conv1d, **stored)
+            result = _weights_hash(record.applied_to(weight))
+            records.append(dataclasses.replace(record, result_hash=result))
+        if fingerprint is None:
+            fingerprint = _fingerprint(model, tokenizer, layers)
+        base = {layer: adapter.weight(layer).detach().cpu().clone() for layer in layers} if keep_base else None
+        return cls(records, method=method, hparams=hparams, request_ids=request_ids, fingerprint=fingerprint,
+                   base=base)
+
+    @property
+    def layers(self) -> list[int]:
+        """The edited layers, ascending."""
+        return list(self._updates)
+
+    def update(self, layer: int) -> LayerUpdate:
+        """The update of ``layer``."""
+        if layer not in self._updates:
+            raise KeyError(f"the delta does not edit layer {layer}; it edits {self.layers}")
+        return self._updates[layer]
+
+    def __repr__(self) -> str:
+        ranks = {layer: u.rank if u.rank is not None else "dense" for layer, u in self._updates.items()}
+        return f"EditDelta(method={self.method!r}, requests={len(self.request_ids)}, ranks={ranks})"
+
+    # ------------------------------------------------------------------ apply / revert
+    def _resolve(self, model: nn.Module) -> dict[int, Tensor]:
+        """The weight parameter of each edited layer, after checking names, layouts and shapes."""
+        adapter = ModelAdapter.for_model(model)
+        params: dict[int, Tensor] = {}
+        for layer, update in self._updates.items():
+            name = adapter.weight_name(layer) if layer < adapter.num_layers else "(no such layer)"
+            if name != update.weight_name or adapter.is_conv1d != update.transposed:
+                raise DeltaMismatchError(
+                    f"the delta edits {update.weight_name} but this {adapter.model_type} model's layer {layer} "
+                    f"projection is {name}: the delta was made for another architecture"
+                )
+            params[layer] = adapter.weight(layer)
+            shape = tuple(adapter.from_stored_layout(params[layer]).shape)
+            if shape != update.shape:
+                raise DeltaMismatchError(
+                    f"{update.weight_name} is {shape} (out x in) but the delta's update is {update.shape}: "
+                    "the delta was made for another model size"
+                )
+        return params
+
+    def apply(self, model: nn.Module, *, force: bool = False) -> None:
+        """Add the update to ``model``'s weights, all layers or none.
+
+        Args:
+            model: the model to edit in place.
+            force: apply even when the model's weights are not those the delta was computed on.
+
+        Raises:
+            DeltaMismatchError: another architecture or size, or (without ``force``) other base weights.
+            DeltaError: the new weights would hold nan or inf (the model is left unchanged).
+        """
+        params = self._resolve(model)
+        if not force:
+            for layer, param in params.items():
+                update = self._updates[layer]
+                current = _weights_hash(param)
+                if current != update.base_hash:
+                    raise DeltaMismatchError(
+                        f"layer {layer} ({update.weight_name}): the model's weight (hash {current[:12]}) is not "
+                        f"the one this delta was computed on (hash {update.base_hash[:12]}); it is another "
+                        "model, or another delta is applied. Revert that first, or pass force=True (--force)"
+                    )
+        new = {layer: self._updates[layer].applied_to(p) for layer, p in params.items()}
+        for layer, value in new.items():
+            if not torch.isfinite(value).all():
+                raise DeltaError(
+                    f"layer {layer}: the edited weight would hold nan or inf in {value.dtype}; nothing was "
+                    "changed (the update overflows this dtype)"
+                )
+        originals = {layer: p.detach().clone() for layer, p in params.items()}
+        _write_all(params, new, originals)
+        self._originals[model] = originals
+        if not self.base and all(_weights_hash(originals[la]) == u.base_hash for la, u in self._updates.items()):
+            self.base = {layer: w.cpu() for layer, w in originals.items()}
+
+    def revert(self, model: nn.Module, *, force: bool = False) -> RevertReport:
+        """Undo :meth:`apply`: bit-exact from the kept (or saved) base weights, else by subtraction.
+
+        Args:
+            model: the model the delta was applied to.
+            force: subtract even from layers whose weights changed since the delta was applied.
+
+        Returns:
+            A :class:`RevertReport`: whether the revert is bit-exact, and a bound of the deviation per layer.
+
+        Raises:
+            DeltaMismatchError: (without ``force``) a layer's weight is not what applying the delta gave.
+        """
+        params = self._resolve(model)
+        originals = self._originals.get(model) or self.base or None
+        new: dict[int, Tensor] = {}
+        deviation: dict[int, float] = {}
+        changed = []
+        for layer, param in params.items():
+            update = self._updates[layer]
+            if originals is not None:
+                if torch.equal(param, update.applied_to(originals[layer].to(param.device))):
+                    new[layer], deviation[layer] = originals[layer].to(param.device), 0.0
+                    continue
+                changed.append(layer)
+            elif update.result_hash is not None and _weights_hash(param) != update.result_hash:
+                changed.append(layer)
+            new[layer] = update.applied_to(param, sign=-1.0)
+            if _weights_hash(new[layer]) == update.base_hash:
+                deviation[layer] = 0.0
+            else:
+                eps = torch.finfo(param.dtype).eps
+                deviation[layer] = float(eps / 2 * (param.detach().abs() + new[layer].abs()).max())
+        if changed and not force:
+            raise DeltaMismatchError(
+                f"layer(s) {changed}: the weights are not what applying this delta gave (it was not applied to "
+                "this model, or weights changed since, e.g. a later delta); revert later deltas first, or pass "
+                "force=True to subtract it anyway"
+            )
+        _write_all(params, new, {layer: p.detach().clone() for layer, p in params.items()})
+        self._originals.pop(model, None)
+        exact = not changed and all(value == 0.0 for value in deviation.values())
+        return RevertReport(exact=exact, max_deviation=deviation)
+
+    @contextmanager
+    def applied(self, model: nn.Module, *, force: bool = False) -> Iterator[EditDelta]:
+        """Apply the delta for the ``with`` block, then revert it (also on errors)."""
+        self.apply(model, force=force)
+        try:
+            yield self
+        finally:
+            self.revert(model)
+
+    # ------------------------------------------------------------------ composition
+    @_ClassOrInstance
+    def compose(cls: type[EditDelta], deltas: list[EditDelta], *, force: bool = False) -> EditDelta:
+        """One delta equal to applying ``deltas`` in order (updates summed per layer).
+
+        Each delta must have been computed either on the weights the previous ones produce (sequential
+        editing) or on the same base as the first one touching the layer (independent edits); ``force``
+        skips that check. Low-rank factors are concatenated while that stays smaller than a dense matrix.
+
+        Example:
+            >>> import torch
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16))
+            >>> a = EditDelta.from_model(model, {0: torch.ones(8, 32)}, method="demo")
+            >>> b = EditDelta.from_model(model, {0: torch.ones(8, 32)}, method="demo")
+            >>> float(a.compose(b).update(0).dense()[0, 0]), EditDelta.compose([a, b]).layers
+            (2.0, [0])
+        """
+        if not deltas or not all(isinstance(d, EditDelta) for d in deltas):
+            raise ValueError(f"`deltas` must be a non-empty list of EditDelta, got {deltas!r}")
+        chains: dict[int, list[LayerUpdate]] = {}
+        for index, delta in enumerate(deltas):
+            for layer, update in delta._updates.items():
+                chain = chains.setdefault(layer, [])
+                if chain and not force:
+                    if update.weight_name != chain[0].weight_name:
+                        raise DeltaMismatchError(
+                            f"delta {index} edits {update.weight_name} at layer {layer}, an earlier one edits "
+                            f"{chain[0].weight_name}: they are for different architectures"
+                        )
+                    if update.base_hash not in (chain[-1].result_hash, chain[0].base_hash):
+                        raise DeltaMismatchError(
+                            f"delta {index} at layer {layer} was computed neither on the weights the earlier "
+                            "deltas produce nor on their base; pass force=True to sum them anyway"
+                        )
+                chain.append(update)
+        base = {la: deltas[0].base[la] for la in chains if la in deltas[0].base and la in deltas[0]._updates}
+        records = []
+        for layer, chain in chains.items():
+            first = chain[0]
+            shape = first.shape
+            if all(u.factors is not None for u in chain):
+                factors = [u.factors for u in chain if u.factors is not None]
+                summed: Tensor | LowRankUpdate = LowRankUpdate(
+                    torch.cat([f.u for f in factors], dim=1), torch.cat([f.v for f in factors], dim=1)
+                )
+            else:
+                summed = torch.stack([u.dense() for u in chain]).sum(0)
+            stored = _compact(summed, shape, layer)
+            record = LayerUpdate(layer, first.weight_name, first.base_hash, None, first.transposed, **stored)
+            if layer in base:  # the composed result is known when the base weights are
+                record = dataclasses.replace(record, result_hash=_weights_hash(record.applied_to(base[layer])))
+            records.append(record)
+        methods = list(dict.fromkeys(d.method for d in deltas))
+        same_hparams = all(d.hparams == deltas[0].hparams for d in deltas)
+        return cls(
+            records,
+            method=methods[0] if len(methods) == 1 else "+".join(methods),
+            hparams=deltas[0].hparams if same_hparams else {"composed": [d.hparams for d in deltas]},
+            request_ids=[i for d in deltas for i in d.request_ids],
+            fingerprint=deltas[0].fingerprint,
+            base=base,
+            composed_of=[d.digest() for d in deltas],
+        )
+
+    # ------------------------------------------------------------------ identity and files
+    def _metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "method": self.method,
+            "hparams": json.dumps(self.hparams, sort_keys=True),
+            "request_ids": json.dumps(list(self.request_ids)),
+            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
+            "layers": json.dumps([u.record() for u in self._updates.values()]),
+            "composed_of": json.dumps(list(self.composed_of)),
+        }
+
+    def digest(self) -> str:
+        """A sha256 content hash of the updates and metadata (not of kept base weights)."""
+        if self._digest is None:
+            digest = hashlib.sha256(json.dumps(self._metadata(), sort_keys=True).encode())
+            for update in self._updates.values():
+                for name, tensor in update.tensors().items():
+                    digest.update(f"{update.layer}.{name}".encode())
+                    digest.update(_weights_hash(tensor).encode())
+            self._digest = digest.hexdigest()
+        return self._digest
+
+    def save(self, path: str | os.PathLike[str], *, with_base: bool = False) -> Path:
+        """Write the delta to one safetensors file, atomically (a temporary file renamed into place).
+
+        Args:
+            path: the file to write (parent folders are created).
+            with_base: also store the base weights of the edited layers, for a bit-exact revert from the file.
+        """
+        from safetensors.torch import save_file
+
+        tensors = {f"layers.{u.layer}.{n}": t.contiguous() for u in self._updates.values()
+                   for n, t in u.tensors().items()}
+        if with_base:
+            missing = [layer for layer in self._updates if layer not in self.base]
+            if missing:
+                raise DeltaError(
+                    f"with_base=True needs the base weights of layers {missing}: create the delta with "
+                    "keep_base=True, or apply it once before saving"
+                )
+            tensors.update({f"layers.{layer}.base": w.contiguous() for layer, w in self.base.items()})
+        metadata = {**self._metadata(), "digest": self.digest()}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> EditDelta:
+        """Read a delta written by :meth:`save`.
+
+        Raises:
+            DeltaFileError: the file is missing, not a delta, or its content does not match its digest.
+        """
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise DeltaFileError(f"no delta file at {path}; give the file written by `kedit edit --out`")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+        except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+            raise DeltaFileError(f"{path} is not a readable safetensors delta file: {err}") from err
+        if metadata.get("format") != FORMAT:
+            raise DeltaFileError(f"{path} is not a lightning_kedit delta (format={metadata.get('format')!r})")
+        if metadata.get("version") != FORMAT_VERSION:
+            raise DeltaFileError(f"{path} has delta format version {metadata.get('version')!r}; "
+                                 f"this version reads {FORMAT_VERSION}")
+        try:
+            fields = {key: json.loads(metadata[key]) for key in
+                      ("hparams", "request_ids", "fingerprint", "layers", "composed_of")}
+            records = []
+            for entry in fields["layers"]:
+                layer = int(entry["layer"])
+                prefix = f"layers.{layer}."
+                stored: dict[str, Any] = (
+                    {"matrix": tensors[prefix + "delta"]} if prefix + "delta" in tensors
+                    else {"factors": LowRankUpdate(tensors[prefix + "u"], tensors[prefix + "v"])}
+                )
+                records.append(LayerUpdate(layer, entry["weight_name"], entry["base_hash"], entry["result_hash"],
+                                           bool(entry["transposed"]), **stored))
+            base = {int(k.split(".")[1]): t for k, t in tensors.items() if k.endswith(".base")}
+            delta = cls(records, method=metadata["method"], hparams=fields["hparams"],
+                        request_ids=fields["request_ids"], fingerprint=fields["fingerprint"], base=base,
+                        composed_of=fields["composed_of"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise DeltaFileError(f"{path} is a damaged delta file (missing or bad entry: {err})") from err
+        if delta.digest() != metadata.get("digest"):
+            raise DeltaFileError(f"{path} is corrupt: its content does not match the digest in its header")
+        bad = [la for la, w in delta.base.items() if _weights_hash(w) != delta._updates[la].base_hash]
+        if bad:
+            raise DeltaFileError(f"{path} is corrupt: the stored base weights of layers {bad} do not match their hash")
+        return delta
