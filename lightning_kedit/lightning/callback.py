@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -45,15 +45,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lightning_kedit.errors import KeditError
-from lightning_kedit.hooks import input_hooks
 from lightning_kedit.models import ModelAdapter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from lightning_kedit.editing import EditDelta, EditHyperParams
+    from lightning_kedit.editing.delta import EditDelta
+    from lightning_kedit.editing.hparams import EditHyperParams
     from lightning_kedit.requests import EditRequest
-    from lightning_kedit.statistics import KeyStatistics
+    from lightning_kedit.statistics import KeyStatistics, KeyTracker
 
 __all__ = ["EDIT_METRICS", "EDIT_MOMENTS", "AppliedEdit", "KnowledgeEditCallback"]
 
@@ -232,8 +232,7 @@ class KnowledgeEditCallback(Callback):
         self._deltas: dict[str, EditDelta] = {}
         self._pending_statistics: dict[str, Any] | None = None
         self._hooks: ExitStack | None = None
-        self._mask: torch.Tensor | None = None
-        self._collecting = False
+        self._tracker: KeyTracker | None = None
 
     @property
     def state_key(self) -> str:
@@ -280,14 +279,14 @@ class KnowledgeEditCallback(Callback):
             source = self._requests_source
             self.requests = load_requests(source, n=self.n_requests) if isinstance(source, Path) else source
         if self.hparams is None:
-            from lightning_kedit.editing import EditHyperParams
+            from lightning_kedit.editing.hparams import EditHyperParams
 
             hparams = self._hparams_arg
             if not isinstance(hparams, EditHyperParams):
-                overrides = dict(hparams or {})
-                hparams = replace(EditHyperParams.for_model(model, self.method), **overrides)
-            if self.layers is not None:
-                hparams = replace(hparams, layers=list(self.layers))
+                defaults = EditHyperParams.for_model(model, self.method, self.layers)
+                hparams = defaults.replace(**dict(hparams or {}))
+            elif self.layers is not None:
+                hparams = hparams.replace(layers=tuple(self.layers))
             self.layers = adapter.check_layers(list(hparams.layers), "layers")
             self.hparams = hparams
         if self.statistics is None:
@@ -304,7 +303,8 @@ class KnowledgeEditCallback(Callback):
         layers = cast(list[int], self.layers)
         source = self._statistics_arg
         if self.statistics_source is not None:
-            collected = stats.KeyStatistics(layers, adapter.key_size)
+            # Local sums only: they are all-reduced explicitly, once, when an edit needs them.
+            collected = stats.KeyStatistics(layers, adapter.key_size, distributed_available_fn=_not_distributed)
             collected.persistent(True)
             return collected
         if isinstance(source, stats.KeyStatistics):
@@ -338,41 +338,29 @@ class KnowledgeEditCallback(Callback):
     def _start_collecting(self, pl_module: LightningModule, source: str) -> None:
         if self.statistics_source != source or self._hooks is not None:
             return
-        statistics = cast("KeyStatistics", self.statistics)
-        statistics.to(pl_module.device)
-        adapter = ModelAdapter.for_model(_language_model(pl_module))
+        from lightning_kedit.statistics import track_keys
+
+        statistics = cast("KeyStatistics", self.statistics).to(pl_module.device)
         self._hooks = ExitStack()
-        hooks = {adapter.mlp_out(layer): self._key_hook(layer) for layer in cast(list[int], self.layers)}
-        self._hooks.enter_context(input_hooks(hooks))
-
-    def _key_hook(self, layer: int) -> Any:
-        def hook(keys: torch.Tensor) -> None:
-            if not self._collecting:
-                return
-            keys = keys.detach()
-            mask = self._mask
-            if mask is not None and mask.shape == keys.shape[:-1]:
-                rows = keys[mask.to(device=keys.device, dtype=torch.bool)]
-            else:
-                rows = keys.reshape(-1, keys.shape[-1])
-            cast("KeyStatistics", self.statistics).update(layer, rows.to(torch.float64))
-
-        return hook
+        self._tracker = self._hooks.enter_context(track_keys(_language_model(pl_module), statistics))
+        self._tracker.enabled = False
 
     def _batch_start(self, batch: Any, source: str, trainer: Trainer) -> None:
-        if self._hooks is not None and self.statistics_source == source and not trainer.sanity_checking:
-            self._mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-            self._collecting = True
+        if self._tracker is not None and self.statistics_source == source and not trainer.sanity_checking:
+            # Padding positions are not keys: the batch's attention mask drops them.
+            self._tracker.mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+            self._tracker.enabled = True
 
     def _batch_end(self) -> None:
-        self._collecting = False
-        self._mask = None
+        if self._tracker is not None:
+            self._tracker.enabled = False
+            self._tracker.mask = None
 
     def _stop_collecting(self) -> None:
-        self._batch_end()
         if self._hooks is not None:
             self._hooks.close()
-            self._hooks = None
+        self._hooks = None
+        self._tracker = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start_collecting(pl_module, "train")
@@ -535,7 +523,7 @@ class KnowledgeEditCallback(Callback):
         if record.digest in self._deltas:
             return self._deltas[record.digest]
         if record.path is not None and Path(record.path).is_file():
-            from lightning_kedit.editing import EditDelta
+            from lightning_kedit.editing.delta import EditDelta
 
             return EditDelta.load(record.path)
         raise KeditError(
@@ -548,15 +536,14 @@ class KnowledgeEditCallback(Callback):
         if statistics is None or self.statistics_source is None:
             return statistics
         # Σ k kᵀ and the counts are sums, so summing every process's states gives the statistics of all
-        # batches. A copy is reduced, so that collection can go on locally; it is then marked local so
-        # that computing it does not reduce it a second time.
+        # batches. A copy is reduced, so that collection goes on locally; like the original it never syncs
+        # by itself (distributed_available_fn), so it is not reduced a second time.
         reduced = copy.deepcopy(statistics)
         if trainer.world_size > 1:
             for name, value in reduced.metric_state.items():
                 if not isinstance(value, torch.Tensor):
                     raise MisconfigurationException(f"KeyStatistics state {name!r} is not a tensor")
                 setattr(reduced, name, trainer.strategy.reduce(value.clone(), reduce_op="sum"))
-        reduced.distributed_available_fn = _not_distributed
         counts = {layer: reduced.count(layer) for layer in reduced.layers}
         if min(counts.values()) == 0:
             raise KeditError(
@@ -728,7 +715,7 @@ def _delta_to_bytes(delta: EditDelta) -> torch.Tensor:
 
 
 def _delta_from_bytes(payload: torch.Tensor) -> EditDelta:
-    from lightning_kedit.editing import EditDelta
+    from lightning_kedit.editing.delta import EditDelta
 
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"delta{DELTA_SUFFIX}"

@@ -32,7 +32,8 @@ from lightning_kedit.errors import KeditError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from lightning_kedit.editing import EditDelta, EditHyperParams
+    from lightning_kedit.editing.delta import EditDelta
+    from lightning_kedit.editing.hparams import EditHyperParams
     from lightning_kedit.requests import EditRequest
     from lightning_kedit.statistics import KeyStatistics
 
@@ -110,7 +111,9 @@ class KnowledgeEditModule(LightningModule):
             self.save_hyperparameters(ignore=["tokenizer"])
             model, loaded_tokenizer = load_model(model)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
-        self.model = model
+        # Loaded models come in eval mode; Lightning keeps each submodule's mode, so fine-tuning needs train mode
+        # (validation and prediction switch to eval mode and back by themselves).
+        self.model = model.train()
         self.tokenizer = tokenizer
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
