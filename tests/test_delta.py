@@ -126,6 +126,10 @@ def test_applying_twice_is_refused_and_other_architectures_or_sizes_too():
         delta.apply(tiny_model("gpt2"), force=True)
     with pytest.raises(DeltaMismatchError, match="another architecture"):
         _delta(model, layers=(3,)).apply(tiny_model("llama", num_layers=2), force=True)
+    other_vocab = _delta(tiny_model("llama"))
+    other_vocab.fingerprint["vocab_size"] = "999"
+    with pytest.raises(DeltaMismatchError, match="vocab_size: stored '999', current '320'"):
+        other_vocab.apply(tiny_model("llama"))
 
 
 def test_revert_is_refused_when_not_applied_or_when_a_later_delta_sits_on_top():

@@ -38,11 +38,13 @@ from torch import Tensor, nn
 from lightning_kedit.editing.solvers import LowRankUpdate
 from lightning_kedit.errors import KeditError
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.fingerprint import fingerprint_mismatches, model_fingerprint, weights_hash
 
 __all__ = ["DeltaError", "DeltaFileError", "DeltaMismatchError", "EditDelta", "LayerUpdate", "RevertReport"]
 
 FORMAT = "lightning_kedit.delta"
 FORMAT_VERSION = "1"
+_ARCHITECTURE_KEYS = ("model_type", "num_layers", "key_size", "value_size", "vocab_size")
 
 
 class DeltaError(KeditError):
@@ -55,25 +57,6 @@ class DeltaMismatchError(DeltaError):
 
 class DeltaFileError(DeltaError):
     """A delta file that is missing, unreadable or corrupt."""
-
-
-def _weights_hash(tensor: Tensor) -> str:
-    """sha256 of a tensor's dtype, shape and bytes."""
-    data = tensor.detach().cpu().contiguous()
-    digest = hashlib.sha256(f"{data.dtype}|{tuple(data.shape)}|".encode())
-    digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _fingerprint(model: nn.Module, tokenizer: Any, layers: list[int]) -> dict[str, str]:
-    """The model fingerprint with a tokenizer; without one, the architecture's sizes."""
-    if tokenizer is not None:
-        from lightning_kedit.models.fingerprint import model_fingerprint
-
-        return dict(model_fingerprint(model, tokenizer, layers))
-    adapter = ModelAdapter.for_model(model)
-    return {"model_type": adapter.model_type, "num_layers": str(adapter.num_layers),
-            "key_size": str(adapter.key_size), "value_size": str(adapter.value_size)}
 
 
 def _hparams_dict(hparams: Any) -> dict[str, Any]:
@@ -300,12 +283,12 @@ class EditDelta:
             weight = adapter.weight(layer)
             shape = tuple(adapter.from_stored_layout(weight).shape)
             stored = _compact(updates[layer], (int(shape[0]), int(shape[1])), layer)
-            record = LayerUpdate(layer, adapter.weight_name(layer), _weights_hash(weight), None,
+            record = LayerUpdate(layer, adapter.weight_name(layer), weights_hash(weight), None,
                                  adapter.is_conv1d, **stored)
-            result = _weights_hash(record.applied_to(weight))
+            result = weights_hash(record.applied_to(weight))
             records.append(dataclasses.replace(record, result_hash=result))
         if fingerprint is None:
-            fingerprint = _fingerprint(model, tokenizer, layers)
+            fingerprint = model_fingerprint(model, tokenizer, layers)
         base = {layer: adapter.weight(layer).detach().cpu().clone() for layer in layers} if keep_base else None
         return cls(records, method=method, hparams=hparams, request_ids=request_ids, fingerprint=fingerprint,
                    base=base)
@@ -359,9 +342,16 @@ class EditDelta:
         """
         params = self._resolve(model)
         if not force:
+            current_fingerprint = model_fingerprint(model, None, self.layers)
+            differences = fingerprint_mismatches(self.fingerprint, current_fingerprint, _ARCHITECTURE_KEYS)
+            if differences:
+                raise DeltaMismatchError(
+                    f"the delta was made for another model ({'; '.join(differences)}); pass force=True (--force) "
+                    "to apply it anyway"
+                )
             for layer, param in params.items():
                 update = self._updates[layer]
-                current = _weights_hash(param)
+                current = weights_hash(param)
                 if current != update.base_hash:
                     raise DeltaMismatchError(
                         f"layer {layer} ({update.weight_name}): the model's weight (hash {current[:12]}) is not "
@@ -378,7 +368,7 @@ class EditDelta:
         originals = {layer: p.detach().clone() for layer, p in params.items()}
         _write_all(params, new, originals)
         self._originals[model] = originals
-        if not self.base and all(_weights_hash(originals[la]) == u.base_hash for la, u in self._updates.items()):
+        if not self.base and all(weights_hash(originals[la]) == u.base_hash for la, u in self._updates.items()):
             self.base = {layer: w.cpu() for layer, w in originals.items()}
 
     def revert(self, model: nn.Module, *, force: bool = False) -> RevertReport:
@@ -406,10 +396,10 @@ class EditDelta:
                     new[layer], deviation[layer] = originals[layer].to(param.device), 0.0
                     continue
                 changed.append(layer)
-            elif update.result_hash is not None and _weights_hash(param) != update.result_hash:
+            elif update.result_hash is not None and weights_hash(param) != update.result_hash:
                 changed.append(layer)
             new[layer] = update.applied_to(param, sign=-1.0)
-            if _weights_hash(new[layer]) == update.base_hash:
+            if weights_hash(new[layer]) == update.base_hash:
                 deviation[layer] = 0.0
             else:
                 eps = torch.finfo(param.dtype).eps
@@ -485,7 +475,7 @@ class EditDelta:
             stored = _compact(summed, shape, layer)
             record = LayerUpdate(layer, first.weight_name, first.base_hash, None, first.transposed, **stored)
             if layer in base:  # the composed result is known when the base weights are
-                record = dataclasses.replace(record, result_hash=_weights_hash(record.applied_to(base[layer])))
+                record = dataclasses.replace(record, result_hash=weights_hash(record.applied_to(base[layer])))
             records.append(record)
         methods = list(dict.fromkeys(d.method for d in deltas))
         same_hparams = all(d.hparams == deltas[0].hparams for d in deltas)
@@ -519,7 +509,7 @@ class EditDelta:
             for update in self._updates.values():
                 for name, tensor in update.tensors().items():
                     digest.update(f"{update.layer}.{name}".encode())
-                    digest.update(_weights_hash(tensor).encode())
+                    digest.update(weights_hash(tensor).encode())
             self._digest = digest.hexdigest()
         return self._digest
 
@@ -597,7 +587,7 @@ class EditDelta:
             raise DeltaFileError(f"{path} is a damaged delta file (missing or bad entry: {err})") from err
         if delta.digest() != metadata.get("digest"):
             raise DeltaFileError(f"{path} is corrupt: its content does not match the digest in its header")
-        bad = [la for la, w in delta.base.items() if _weights_hash(w) != delta._updates[la].base_hash]
+        bad = [la for la, w in delta.base.items() if weights_hash(w) != delta._updates[la].base_hash]
         if bad:
             raise DeltaFileError(f"{path} is corrupt: the stored base weights of layers {bad} do not match their hash")
         return delta
