@@ -237,6 +237,7 @@ def test_compose_equals_sequential_application(arch):
     assert composed.layers == [1, 2, 3] and composed.update(2).rank == 4
     assert composed.update(2).base_hash == first.update(2).base_hash
     assert composed.request_ids == ("a", "b", "a", "b")
+    assert sorted(composed.base) == [1, 2, 3] and all(composed.update(la).result_hash for la in (1, 2, 3))
     composed.apply(model)
     for now, seq in zip(_weights(model), sequential, strict=True):
         assert torch.allclose(now, seq, rtol=0, atol=1e-6)

@@ -385,7 +385,8 @@ class EditDelta:
             DeltaMismatchError: (without ``force``) a layer's weight is not what applying the delta gave.
         """
         params = self._resolve(model)
-        originals = self._originals.get(model) or self.base or None
+        complete_base = self.base if set(self.base) == set(self._updates) else None
+        originals = self._originals.get(model) or complete_base
         new: dict[int, Tensor] = {}
         deviation: dict[int, float] = {}
         changed = []
@@ -445,9 +446,12 @@ class EditDelta:
         if not deltas or not all(isinstance(d, EditDelta) for d in deltas):
             raise ValueError(f"`deltas` must be a non-empty list of EditDelta, got {deltas!r}")
         chains: dict[int, list[LayerUpdate]] = {}
+        base: dict[int, Tensor] = {}
         for index, delta in enumerate(deltas):
             for layer, update in delta._updates.items():
                 chain = chains.setdefault(layer, [])
+                if not chain and layer in delta.base:
+                    base[layer] = delta.base[layer]
                 if chain and not force:
                     if update.weight_name != chain[0].weight_name:
                         raise DeltaMismatchError(
@@ -460,7 +464,6 @@ class EditDelta:
                             "deltas produce nor on their base; pass force=True to sum them anyway"
                         )
                 chain.append(update)
-        base = {la: deltas[0].base[la] for la in chains if la in deltas[0].base and la in deltas[0]._updates}
         records = []
         for layer, chain in chains.items():
             first = chain[0]
