@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +170,11 @@ def _split(answers: tuple[str, ...]) -> tuple[str, tuple[str, ...]]:
 
 
 def _parse_kedit(record: Mapping[str, Any], where: RecordLocation) -> list[EditRequest]:
+    unknown = [str(key) for key in record if key not in _KEDIT_FIELDS]
+    if unknown:
+        raise where.error(
+            unknown[0], "is not a field of the kedit schema", f"use only {', '.join(sorted(_KEDIT_FIELDS))}"
+        )
     target_true = _value(record, "target_true", where, default=None)
     chain_id = record.get("chain_id")
     return [
@@ -361,17 +366,28 @@ LAYOUTS = {
 }
 
 
+_KNOWEDIT_FIELDS = {  # fields only KnowEdit layouts have
+    "ground_truth",
+    "rephrase_prompt",
+    "locality_prompt",
+    "locality_ground_truth",
+    "locality",
+    "portability",
+}
+_KEDIT_FIELDS = frozenset(f.name for f in fields(EditRequest))
+
+
 def detect_layout(record: Mapping[str, Any]) -> Layout | None:
     """The layout a record's fields identify, or None."""
     keys = record.keys()
     if "requested_rewrite" in keys:
         return LAYOUTS["mquake" if isinstance(record["requested_rewrite"], list) else "rome-counterfact"]
-    if {"src", "alt"} <= keys:
+    if "src" in keys:
         return LAYOUTS["mend-zsre"]
-    if {"prompt", "target_new"} <= keys:
-        if "ground_truth" not in keys:
+    if "prompt" in keys:
+        if not keys & _KNOWEDIT_FIELDS:
             return LAYOUTS["kedit"]
-        nested = "locality" in keys or "portability" in keys or isinstance(record["ground_truth"], list)
+        nested = "locality" in keys or "portability" in keys or isinstance(record.get("ground_truth"), list)
         flat = "locality_prompt" in keys
         return LAYOUTS["knowedit-zsre" if nested and not flat else "knowedit-counterfact"]
     return None
