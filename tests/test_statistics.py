@@ -10,6 +10,7 @@ from lightning_kedit.errors import KeditError, StatisticsMismatchError
 from lightning_kedit.hooks import capture_inputs
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.statistics import KeyStatistics, collect_key_statistics, track_keys
+from lightning_kedit.statistics.key_statistics import accumulate_outer, symmetric_from_lower
 
 
 def _padded_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,3 +173,23 @@ def test_window_longer_than_context_refused(tokenizer, tmp_path):
     text.write_text("Paris is in France.\n")
     with pytest.raises(KeditError, match="context of 256"):
         collect_key_statistics(model, tokenizer, [0], text, window=512)
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 64])
+def test_blocked_accumulation_matches_full_product(block):
+    keys = torch.randn(40, 10)  # 10 keys wide: not a multiple of 3 or 7
+    total = torch.zeros(10, 10, dtype=torch.float64)
+    accumulate_outer(total, keys[:25], block=block)
+    accumulate_outer(total, keys[25:], block=block)
+    expected = keys.double().T @ keys.double()
+    assert _relative(symmetric_from_lower(total), expected) < 1e-14
+
+
+def test_wide_keys_use_blocks_and_stay_exact():
+    keys = torch.randn(300, 450)  # wider than the default block of 192
+    stats = KeyStatistics([0], 450)
+    stats.update(0, keys[:100])
+    stats.update(0, keys[100:])
+    expected = keys.double().T @ keys.double() / 300
+    assert _relative(stats.second_moment(0), expected) < 1e-13
+    assert torch.equal(stats.second_moment(0), stats.second_moment(0).T)

@@ -2,8 +2,9 @@
 
 MEMIT and ROME weight their update by C, the second moment of the keys ``k`` (the inputs of the MLP output
 projection) over generic text (MEMIT eq. 14: ``Δ = R Kᵀ (λ C + K Kᵀ)⁻¹``). This metric holds, per layer, the
-running sum ``S = Σ k kᵀ`` (float64 by default), the running sum of keys ``Σ k`` and the key count ``n``;
-``compute`` returns ``C = S / n``. All states reduce by sum, so statistics from several processes, files or
+running sum ``S = Σ k kᵀ`` (float64 by default; only its lower triangle is accumulated, see
+:func:`accumulate_outer`), the running sum of keys ``Σ k`` and the key count ``n``; ``compute`` returns
+``C = S / n``. All states reduce by sum, so statistics from several processes, files or
 runs add up exactly (``merge``), and the file written by ``save`` keeps the sums, not the ratios.
 
 Distributed reduction: torchmetrics 1.9's ``Metric._sync_dist`` gathers every state from every process
@@ -41,7 +42,7 @@ from torchmetrics.utilities.distributed import gather_all_tensors
 
 from lightning_kedit.errors import KeditError, StatisticsMismatchError
 
-__all__ = ["FORMAT", "KeyStatistics", "accumulate_outer"]
+__all__ = ["FORMAT", "KeyStatistics", "accumulate_outer", "symmetric_from_lower"]
 
 #: Format tag written into every statistics file.
 FORMAT = "lightning_kedit.key_statistics/1"
@@ -49,21 +50,41 @@ FORMAT = "lightning_kedit.key_statistics/1"
 _FLOAT_DTYPES = (torch.float64, torch.float32)
 
 
-def accumulate_outer(total: Tensor, keys: Tensor) -> None:
-    """Add ``keysᵀ keys`` (the sum of the rows' outer products k kᵀ) to ``total`` in place.
+def accumulate_outer(total: Tensor, keys: Tensor, block: int = 192) -> None:
+    """Add the lower triangle of ``keysᵀ keys`` (the sum of the rows' outer products k kᵀ) to ``total``.
 
-    The products are formed in ``total``'s dtype, so float64 totals are exact sums of exact float32 products
-    up to float64 rounding.
+    ``keysᵀ keys`` is symmetric, so only the blocks on and below the diagonal are formed: column blocks of
+    ``block`` keys, each multiplied with the keys up to its end. That is about half the multiply-adds of a
+    full product (a blocked SYRK, which torch does not expose). Only the lower triangle of ``total`` is
+    meaningful afterwards: read it with :func:`symmetric_from_lower`. The products are formed in ``total``'s
+    dtype, so float64 totals of float32 keys are exact products summed in float64.
 
     Example:
-        >>> total = torch.zeros(2, 2, dtype=torch.float64)
-        >>> accumulate_outer(total, torch.tensor([[1.0, 2.0]]))
-        >>> total
-        tensor([[1., 2.],
-                [2., 4.]], dtype=torch.float64)
+        >>> total = torch.zeros(3, 3, dtype=torch.float64)
+        >>> keys = torch.tensor([[1.0, 2.0, 3.0], [0.0, 1.0, 1.0]])
+        >>> accumulate_outer(total, keys, block=1)
+        >>> torch.equal(symmetric_from_lower(total), (keys.T @ keys).double())
+        True
     """
     keys = keys.to(dtype=total.dtype)
-    total.addmm_(keys.T, keys)
+    width = keys.shape[1]
+    if width <= block:
+        total.addmm_(keys.T, keys)
+        return
+    for start in range(0, width, block):
+        stop = min(start + block, width)
+        total[start:stop, :stop].addmm_(keys[:, start:stop].T, keys[:, :stop])
+
+
+def symmetric_from_lower(total: Tensor) -> Tensor:
+    """The symmetric matrix whose lower triangle (diagonal included) is that of ``total``.
+
+    Example:
+        >>> symmetric_from_lower(torch.tensor([[1.0, 9.0], [2.0, 3.0]]))
+        tensor([[1., 2.],
+                [2., 3.]])
+    """
+    return torch.tril(total) + torch.tril(total, diagonal=-1).T
 
 
 class KeyStatistics(Metric):
@@ -147,7 +168,7 @@ class KeyStatistics(Metric):
                     f"no keys were recorded for layer {layer}: run some text through the model first "
                     "(collect_key_statistics, or a forward pass inside track_keys)"
                 )
-            out[layer] = self._sum_kk(layer).to(torch.float64) / n
+            out[layer] = symmetric_from_lower(self._sum_kk(layer)).to(torch.float64) / n
         return out
 
     def second_moment(self, layer: int) -> Tensor:
@@ -182,6 +203,7 @@ class KeyStatistics(Metric):
             raise StatisticsMismatchError("cannot merge statistics made for two different models (fingerprints differ)")
         for name in self._defaults:
             getattr(self, name).add_(getattr(other, name).to(getattr(self, name)))
+        self._update_count += other._update_count
         self._computed = None
         return self
 
@@ -216,7 +238,7 @@ class KeyStatistics(Metric):
         with self.sync_context(should_sync=self._to_sync, should_unsync=True):
             tensors: dict[str, Tensor] = {}
             for layer in self.layers:
-                tensors[f"sum_kk.{layer}"] = self._sum_kk(layer).detach().cpu().contiguous()
+                tensors[f"sum_kk.{layer}"] = symmetric_from_lower(self._sum_kk(layer)).detach().cpu().contiguous()
                 tensors[f"sum_k.{layer}"] = self._sum_k(layer).detach().cpu().contiguous()
                 tensors[f"count.{layer}"] = self._count(layer).detach().cpu().reshape(1)
             tokens = min(int(self._count(layer)) for layer in self.layers)
@@ -298,6 +320,7 @@ class KeyStatistics(Metric):
             stats._count(layer).fill_(int(tensors[f"count.{layer}"].reshape(-1)[0]))
         stats.fingerprint = fingerprint or None
         stats.source = metadata.get("source") or None
+        stats._update_count = 1  # the states hold data: no "compute before update" warning
         return stats
 
 
