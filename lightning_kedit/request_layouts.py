@@ -126,7 +126,7 @@ def _edit(
     subject: tuple[str, str],
     target_new: tuple[str, str],
     target_true: tuple[str | None, str],
-    **fields: Any,
+    **extra: Any,
 ) -> EditRequest:
     """Checks the edit itself and builds the request; each argument pair is ``(value, field name)``."""
     template, spelled = _template(prompt[0], subject[0].strip(), prompt[1], where)
@@ -137,7 +137,7 @@ def _edit(
             f"equals the true target `{target_true[1]}` ({new!r})",
             "an edit must change the answer: give another new target or drop the record",
         )
-    return EditRequest(case_id, template, spelled, new, None if true is None else true.strip(), **fields)
+    return EditRequest(case_id, template, spelled, new, None if true is None else true.strip(), **extra)
 
 
 def _pairs(value: Any, name: str, where: RecordLocation, prompt_key: str, answer_key: str) -> tuple[PromptAnswer, ...]:
@@ -186,8 +186,8 @@ def _parse_kedit(record: Mapping[str, Any], where: RecordLocation) -> list[EditR
             (_text(record, "target_new", where), "target_new"),
             (None if target_true is None else _check_text(target_true, "target_true", where), "target_true"),
             paraphrase_prompts=_texts(record, "paraphrase_prompts", where),
-            neighborhood=_pairs(record.get("neighborhood", []), "neighborhood", where, "prompt", "answer"),
-            consistency=_pairs(record.get("consistency", []), "consistency", where, "prompt", "answer"),
+            neighborhood=_pairs(record.get("neighborhood") or [], "neighborhood", where, "prompt", "answer"),
+            consistency=_pairs(record.get("consistency") or [], "consistency", where, "prompt", "answer"),
             generation_prompts=_texts(record, "generation_prompts", where),
             chain_id=None if chain_id is None else str(chain_id),
             attribute_prompts=_texts(record, "attribute_prompts", where),
@@ -312,6 +312,7 @@ def _parse_mquake(record: Mapping[str, Any], where: RecordLocation) -> list[Edit
     answers = _answers(_value(record, "new_answer", where), "new_answer", where)
     answers += _texts(record, "new_answer_alias", where)
     # One multi-hop check per chain: it holds once every rewrite is in, so it rides on the last request.
+    _value(record, "questions", where)  # required: the chain's multi-hop check
     check = tuple(PromptAnswer(q, *_split(answers)) for q in _texts(record, "questions", where))
     requests = []
     for k, rewrite in enumerate(rewrites):
@@ -336,6 +337,8 @@ def _parse_mquake(record: Mapping[str, Any], where: RecordLocation) -> list[Edit
 
 @dataclass(frozen=True)
 class Layout:
+    """A request file layout: its name, its key fields (for messages) and its record parser."""
+
     name: str
     key_fields: str
     parse: Callable[[Mapping[str, Any], RecordLocation], list[EditRequest]]
