@@ -35,8 +35,8 @@ Example:
     ...                       target_new="piano", target_true="guitar")
     >>> request.prompt_text
     'Toko Yasuda plays the'
-    >>> [r.case_id for r in bundled_requests()][:2]  # doctest: +SKIP
-    ['1208', '1451']
+    >>> [r.case_id for r in bundled_requests()][:2]
+    ['8798', '3212']
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def _read_records(path: Path) -> tuple[list[Any], list[int] | None]:
     if not path.is_file():
         raise RequestFormatError(f"{path}: no such file; give the path of a JSON or JSONL request file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as err:
         raise RequestFormatError(f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from err
     if not text.strip():
@@ -142,7 +142,7 @@ def _read_records(path: Path) -> tuple[list[Any], list[int] | None]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        if not text.lstrip().startswith("{"):
+        if not _looks_like_lines(text):
             raise RequestFormatError(
                 f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}; fix the JSON there"
             ) from err
@@ -154,6 +154,15 @@ def _read_records(path: Path) -> tuple[list[Any], list[int] | None]:
             f"{path}: holds a JSON {type(data).__name__}; write a list of request objects (or JSON Lines)"
         )
     return data, None
+
+
+def _looks_like_lines(text: str) -> bool:
+    """Whether text that is not one JSON value is JSON Lines: its first line is a whole JSON object."""
+    first = text.lstrip().split("\n", 1)[0]
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _read_lines(path: Path, text: str) -> tuple[list[Any], list[int]]:

@@ -390,3 +390,33 @@ def test_bundled_facts_are_believed_true_by_smollm2(smollm2):
     ]
     for k, request in enumerate(requests):
         assert means[2 * k] > means[2 * k + 1], request.case_id
+
+
+def test_pretty_printed_object_with_an_error_is_reported_as_json(tmp_path):
+    text = '{\n  "prompt": "{} plays the",\n  "subject": "Toko Yasuda"\n  "target_new": "piano"\n}\n'
+    assert "malformed JSON at line 4, column 3" in load_error(write(tmp_path, text))
+
+
+def test_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([KNOWEDIT]).encode())
+    assert load_requests(path)[0].case_id == "10"
+
+
+def test_layout_is_recognised_without_the_missing_field(tmp_path):
+    """A KnowEdit record that lacks `ground_truth` is still read as KnowEdit, not as the kedit schema."""
+    record = {key: value for key, value in KNOWEDIT.items() if key != "ground_truth"}
+    assert "(knowedit-counterfact layout), field `ground_truth` is missing" in load_error(write(tmp_path, [record]))
+
+
+def test_kedit_schema_rejects_unknown_fields(tmp_path):
+    record = {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": "piano", "paraphrase_prompt": "x"}
+    message = load_error(write(tmp_path, [record]))
+    assert "(kedit layout), field `paraphrase_prompt` is not a field of the kedit schema" in message
+    assert "paraphrase_prompts" in message
+
+
+def test_mquake_needs_its_questions(tmp_path):
+    records = json.loads((FIXTURES / "mquake.json").read_text())
+    del records[0]["questions"]
+    assert "record 0 (mquake layout), field `questions` is missing" in load_error(write(tmp_path, records))
