@@ -270,12 +270,26 @@ def collect_key_statistics(
     return statistics
 
 
-def statistics_cache_path(model: nn.Module, tokenizer: Any, layers: Sequence[int], *, key: str = "") -> Path:
-    """``cache_dir()/stats/<digest>.safetensors``, the digest covering the model fingerprint and ``key``."""
+def statistics_cache_path(
+    model: nn.Module,
+    tokenizer: Any,
+    layers: Sequence[int],
+    source: TextPaths | None = None,
+    *,
+    max_tokens: int = 100_000,
+    window: int = 256,
+    skip_bos: bool = False,
+) -> Path:
+    """Where :func:`load_or_collect_statistics` caches these statistics: ``cache_dir()/stats/<digest>.safetensors``.
+
+    The digest covers the model fingerprint (model type, sizes, the edit layers' weights, the tokenizer
+    vocabulary) and the collection settings, so that other data or another budget is another entry.
+    """
     from lightning_kedit.models.fingerprint import fingerprint_digest, model_fingerprint
     from lightning_kedit.models.loading import cache_dir
 
-    digest = fingerprint_digest(model_fingerprint(model, tokenizer, layers), key)
+    settings = f"{describe_source(source)}|{max_tokens}|{window}|{skip_bos}"
+    digest = fingerprint_digest(model_fingerprint(model, tokenizer, layers), settings)
     return cache_dir() / "stats" / f"{digest}.safetensors"
 
 
@@ -296,17 +310,33 @@ def load_or_collect_statistics(
 ) -> KeyStatistics:
     """Statistics from the cache when there, else collected (:func:`collect_key_statistics`) and cached.
 
-    The cache file is keyed by the model fingerprint (which covers the edit layers' weights and the
-    tokenizer) and by the source, token budget, window and BOS choice; ``force=True`` recollects.
+    Args:
+        model, tokenizer, layers: as for :func:`collect_key_statistics`.
+        cache: read and write the cache; False always collects and writes nothing.
+        source: text file path(s), or None for the bundled corpus (batches have no identity to cache by:
+            use :func:`collect_key_statistics` for them).
+        max_tokens, window, batch_size, progress, skip_bos: as for :func:`collect_key_statistics`.
+        force: collect again even when the cache holds the statistics, and overwrite it.
+        path: the cache file; by default :func:`statistics_cache_path`, keyed by the model fingerprint and the
+            collection settings.
 
     Example:
         >>> stats = load_or_collect_statistics(model, tokenizer, [4, 5, 6, 7, 8])  # doctest: +SKIP
     """
     from lightning_kedit.models.fingerprint import model_fingerprint
 
+    if source is not None and not _is_text(source):
+        raise KeditError(
+            f"load_or_collect_statistics caches statistics of text files only, got {type(source).__name__}; "
+            "call collect_key_statistics for batches"
+        )
     layers = _check_layers(ModelAdapter.for_model(model), layers)
-    key = f"{describe_source(source)}|{max_tokens}|{window}|{skip_bos}"
-    target = Path(path) if path is not None else statistics_cache_path(model, tokenizer, layers, key=key)
+    if path is None:
+        target = statistics_cache_path(
+            model, tokenizer, layers, source, max_tokens=max_tokens, window=window, skip_bos=skip_bos
+        )
+    else:
+        target = Path(path)
     if cache and not force and target.is_file():
         log.info("key statistics loaded from %s", target)
         return KeyStatistics.load(target, model=model, tokenizer=tokenizer, layers=layers)
