@@ -1,0 +1,173 @@
+"""Hyper-parameters of the locate-then-edit methods, with per-architecture defaults and where they come from.
+
+Every field can be overridden from the API (``EditHyperParams.for_model(model, "memit").replace(v_lr=0.2)``)
+and from the command line (``kedit edit --lambda 2000 --v-steps 20 ...``).
+
+Sources of the defaults:
+
+- MEMIT (Meng et al., 2023, ``hparams/MEMIT/*.json``) and EasyEdit (``hparams/MEMIT/llama-7b.yaml``): 25 Adam
+  steps at learning rate 0.5, clamp factor 4 (0.75 for GPT-2/GPT-J), KL factor 0.0625, weight decay 1e-3,
+  five consecutive early-to-middle layers, one bare prompt plus five model-generated prefixes of 10 tokens.
+- ROME (Meng et al., 2022, ``hparams/ROME/*.json``): one layer at about 17% of the depth (GPT-2 XL: 17 of 48,
+  GPT-J: 5 of 28, Llama: 5), ten prefixes of 5 tokens and ten of 10.
+- ``mom2_weight`` (λ): the reference uses 15,000 with ``C = E[k kᵀ]``. Here λ multiplies ``C / mean(diag C)``
+  when ``lambda_relative`` is set, which makes one value transfer across models whose key scales differ;
+  the SmolLM2 default comes from the sweep in ``benchmarks/edit_quality.py`` (docs/benchmarks/editing.md).
+
+Example:
+    >>> hp = EditHyperParams(layers=(4, 5, 6), mom2_weight=2000.0)
+    >>> hp.replace(v_steps=10).v_steps
+    10
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from lightning_kedit.errors import KeditError
+from lightning_kedit.models.adapters import ModelAdapter, default_edit_layers
+
+__all__ = ["METHODS", "EditHyperParams", "HyperParamError"]
+
+#: The edit methods this package computes.
+METHODS = ("memit", "rome", "ft")
+
+
+class HyperParamError(KeditError):
+    """A hyper-parameter outside its valid range (names the field, the value and the range)."""
+
+
+@dataclass(frozen=True)
+class EditHyperParams:
+    """What an edit computes and how hard it tries.
+
+    Args:
+        layers: edit layers (0-based block indices); the last one is where target values are inserted.
+        mom2_weight: λ, the weight of the key second moment ``C`` in ``(λ C + K Kᵀ)``.
+        lambda_relative: when True, ``C`` is divided by the mean of its diagonal before weighting by λ.
+        v_steps: the largest number of Adam steps of the target-value optimisation.
+        v_lr: Adam's learning rate for δ.
+        clamp_norm: the largest ``‖δ‖`` as a multiple of the norm of the original hidden state.
+        kl_factor: weight of the KL term that keeps the "{subject} is a" distribution.
+        weight_decay: weight of ``‖δ‖² / ‖h‖²``.
+        stop_prob: a request stops optimising once its target's mean token probability exceeds this.
+        prefix_lengths: pairs ``(tokens, count)`` of model-generated context prefixes; a bare prompt is added.
+        batch_size: requests whose target values are optimised in one forward/backward (memory bound).
+        seed: seed of prefix generation.
+        ft_norm_bound: L∞ bound on the fine-tuning change (method "ft").
+        ft_steps: fine-tuning steps (method "ft").
+        ft_lr: fine-tuning learning rate (method "ft").
+    """
+
+    layers: tuple[int, ...] = (4, 5, 6, 7, 8)
+    mom2_weight: float = 15000.0
+    lambda_relative: bool = False
+    v_steps: int = 25
+    v_lr: float = 0.5
+    clamp_norm: float = 4.0
+    kl_factor: float = 0.0625
+    weight_decay: float = 1e-3
+    stop_prob: float = 0.95
+    prefix_lengths: tuple[tuple[int, int], ...] = ((10, 5),)
+    batch_size: int = 32
+    seed: int = 0
+    ft_norm_bound: float = 5e-4
+    ft_steps: int = 25
+    ft_lr: float = 5e-4
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        object.__setattr__(self, "prefix_lengths", tuple((int(a), int(b)) for a, b in self.prefix_lengths))
+        if not self.layers:
+            raise HyperParamError("`layers` is empty; give at least one edit layer")
+        positive = {
+            "v_lr": self.v_lr, "clamp_norm": self.clamp_norm, "batch_size": self.batch_size,
+            "ft_lr": self.ft_lr, "ft_norm_bound": self.ft_norm_bound,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                raise HyperParamError(f"`{name}` must be positive, got {value}")
+        non_negative = {
+            "mom2_weight": self.mom2_weight, "v_steps": self.v_steps, "kl_factor": self.kl_factor,
+            "weight_decay": self.weight_decay, "ft_steps": self.ft_steps,
+        }
+        for name, value in non_negative.items():
+            if not value >= 0:
+                raise HyperParamError(f"`{name}` must be >= 0, got {value}")
+        if not 0 < self.stop_prob <= 1:
+            raise HyperParamError(f"`stop_prob` must lie in (0, 1], got {self.stop_prob}")
+        for length, count in self.prefix_lengths:
+            if length < 1 or count < 0:
+                raise HyperParamError(
+                    f"`prefix_lengths` holds ({length}, {count}); lengths must be >= 1 and counts >= 0"
+                )
+
+    def replace(self, **changes: Any) -> EditHyperParams:
+        """A copy with ``changes`` applied (None values are ignored, so CLI defaults pass through)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise HyperParamError(f"unknown hyper-parameters {sorted(unknown)}; known: {self.field_names()}")
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (stored in a delta's metadata)."""
+        out = {name: getattr(self, name) for name in self.field_names()}
+        out["layers"] = list(self.layers)
+        out["prefix_lengths"] = [list(p) for p in self.prefix_lengths]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditHyperParams:
+        known = {k: v for k, v in data.items() if k in cls.field_names()}
+        if "prefix_lengths" in known:
+            known["prefix_lengths"] = tuple(tuple(p) for p in known["prefix_lengths"])
+        return cls(**known)
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, method: str = "memit", layers: Sequence[int] | None = None
+    ) -> EditHyperParams:
+        """Per-architecture defaults for ``method`` ("memit", "rome" or "ft").
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=64))
+            >>> EditHyperParams.for_model(model, "rome").layers
+            (1,)
+        """
+        if method not in METHODS:
+            raise HyperParamError(f"`method`={method!r} is not one of {', '.join(METHODS)}")
+        adapter = ModelAdapter.for_model(model)
+        n = adapter.num_layers
+        # GPT-2 / GPT-J hidden states are larger relative to their MLP outputs: MEMIT clamps at 0.75 there.
+        clamp = 0.75 if adapter.model_type in ("gpt2", "gptj") else 4.0
+        if method == "memit":
+            chosen = tuple(default_edit_layers(n))
+            base = cls(layers=chosen, clamp_norm=clamp)
+            if adapter.model_type == "llama" and n == 30:
+                # SmolLM2-135M: the best setting of the λ sweep (docs/benchmarks/editing.md).
+                base = base.replace(**_SMOLLM2_MEMIT)
+        elif method == "rome":
+            chosen = (min(n - 1, max(0, round(n * 0.17))),)
+            base = cls(layers=chosen, clamp_norm=clamp, prefix_lengths=((5, 10), (10, 10)))
+        else:
+            # FT-L (Zhu et al., 2020; the ROME paper's baseline): one layer's projection, L∞-bounded.
+            chosen = (default_edit_layers(n)[0],)
+            base = cls(layers=chosen)
+        if layers is not None:
+            base = base.replace(layers=tuple(adapter.check_layers(list(layers))))
+        return base
+
+
+#: Defaults chosen by the λ sweep on SmolLM2-135M + CounterFact (benchmarks/edit_quality.py).
+_SMOLLM2_MEMIT: dict[str, Any] = {}

@@ -1,0 +1,198 @@
+"""Keys: the projection input at the subject's last token, averaged over context-prefixed prompts.
+
+The subject's last token is located from character offsets, not by searching token ids: the prompt is
+tokenised whole (with the tokenizer's own special tokens, BOS or not) and the token covering the last character
+of the subject is taken. Rows are padded on the right by this module whatever the tokenizer's padding side, so
+that causal attention never sees padding before a position that is read.
+
+Example:
+    >>> states = subject_states(model, tokenizer, requests, ["{}", "Hello. {}"], key_layers=[4, 5])  # doctest: +SKIP
+    >>> states.keys[4].shape  # (requests, key_size), float64
+    torch.Size([10, 1536])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lightning_kedit.errors import KeditError
+from lightning_kedit.hooks import input_hooks, output_hooks, run_until
+from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.requests import EditRequest
+
+__all__ = [
+    "SubjectNotFoundError",
+    "SubjectStates",
+    "TokenRows",
+    "eval_mode",
+    "locate_token",
+    "subject_char_end",
+    "subject_states",
+    "tokenize_rows",
+]
+
+
+class SubjectNotFoundError(KeditError):
+    """A request whose subject cannot be located in its prompt."""
+
+
+@dataclass
+class TokenRows:
+    """Right-padded token rows and, per row, the index of the subject's last token."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    subject_pos: torch.Tensor
+    lengths: torch.Tensor
+
+
+@dataclass
+class SubjectStates:
+    """Per request, the template-averaged keys of each layer and hidden state after ``out_layer`` (float64)."""
+
+    keys: dict[int, torch.Tensor]
+    outputs: torch.Tensor | None
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Switch ``model`` to evaluation mode (no dropout) and restore its mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def locate_token(tokenizer: PreTrainedTokenizerBase, text: str, char_end: int) -> tuple[list[int], int]:
+    """Token ids of ``text`` and the index of the token holding character ``char_end - 1``.
+
+    Example:
+        >>> ids, index = locate_token(tokenizer, "Toko Yasuda plays", len("Toko Yasuda"))  # doctest: +SKIP
+    """
+    if not 0 < char_end <= len(text):
+        raise SubjectNotFoundError(f"character position {char_end} lies outside {text!r}")
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        for index, (start, end) in enumerate(encoded["offset_mapping"]):
+            if start <= char_end - 1 < end:
+                return ids, index
+    # Slow tokenizers (or offsets that skip the character): count the tokens of the text up to the subject.
+    ids = list(tokenizer(text)["input_ids"])
+    head = list(tokenizer(text[:char_end])["input_ids"])
+    eos = tokenizer.eos_token_id
+    while head and eos is not None and head[-1] == eos and len(head) > 1 and ids[len(head) - 1] != eos:
+        head.pop()  # tokenizers that append EOS to every text
+    if not head or len(head) > len(ids):
+        raise SubjectNotFoundError(f"cannot locate the token ending at character {char_end} of {text!r}")
+    return ids, len(head) - 1
+
+
+def subject_char_end(request: EditRequest, template: str = "{}") -> tuple[str, int]:
+    """The filled text ``template.format(prompt)`` and the character index just after its subject."""
+    if template.count("{}") != 1:
+        raise KeditError(f"template {template!r} must hold '{{}}' exactly once")
+    before, after = template.split("{}")
+    prompt_before = request.prompt.split("{}")[0]
+    text = before + request.prompt_text + after
+    return text, len(before) + len(prompt_before) + len(request.subject)
+
+
+def tokenize_rows(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], char_ends: Sequence[int], pad_id: int | None = None
+) -> TokenRows:
+    """Tokenise ``texts``, pad them on the right and locate the token ending at each ``char_ends``."""
+    rows: list[list[int]] = []
+    positions: list[int] = []
+    for text, end in zip(texts, char_ends):
+        ids, index = locate_token(tokenizer, text, end)
+        rows.append(ids)
+        positions.append(index)
+    return _pad(rows, positions, _pad_id(tokenizer) if pad_id is None else pad_id)
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _pad(rows: list[list[int]], positions: list[int], pad_id: int) -> TokenRows:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    lengths = mask.sum(1)
+    return TokenRows(ids, mask, torch.tensor(positions, dtype=torch.long), lengths)
+
+
+@torch.no_grad()
+def subject_states(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    *,
+    key_layers: Sequence[int],
+    out_layer: int | None = None,
+    batch_size: int = 64,
+) -> SubjectStates:
+    """Keys of ``key_layers`` and the output of block ``out_layer`` at each request's subject's last token.
+
+    Both are averaged over the ``templates`` (``"{}"`` is the bare prompt) and returned in float64, one row
+    per request. The forward pass stops after the deepest layer needed.
+    """
+    if not requests:
+        raise KeditError("the request list is empty; give at least one edit request")
+    adapter = ModelAdapter.for_model(model)
+    layers = sorted(set(int(i) for i in key_layers))
+    deepest = max(layers + ([out_layer] if out_layer is not None else []))
+    device = next(model.parameters()).device
+    texts, ends, owners = [], [], []
+    for r, request in enumerate(requests):
+        for template in templates:
+            text, end = subject_char_end(request, template)
+            texts.append(text)
+            ends.append(end)
+            owners.append(r)
+    sums = {layer: torch.zeros(len(requests), adapter.key_size, dtype=torch.float64) for layer in layers}
+    out_sum = torch.zeros(len(requests), adapter.value_size, dtype=torch.float64) if out_layer is not None else None
+    owner = torch.tensor(owners)
+    with eval_mode(model):
+        for start in range(0, len(texts), batch_size):
+            rows = tokenize_rows(tokenizer, texts[start : start + batch_size], ends[start : start + batch_size])
+            pick = torch.arange(len(rows.subject_pos))
+            who = owner[start : start + batch_size]
+
+            def grab(store: torch.Tensor) -> Callable[[torch.Tensor], None]:
+                def fn(x: torch.Tensor) -> None:
+                    store.index_add_(0, who, x[pick, rows.subject_pos.to(x.device)].double().cpu())
+
+                return fn
+
+            in_hooks = {adapter.mlp_out(layer): grab(sums[layer]) for layer in layers}
+            out_hooks = {adapter.block(out_layer): grab(out_sum)} if out_sum is not None and out_layer is not None else {}
+            with input_hooks(in_hooks), output_hooks(out_hooks):
+                run_until(
+                    model,
+                    adapter.block(deepest),
+                    input_ids=rows.input_ids.to(device),
+                    attention_mask=rows.attention_mask.to(device),
+                    use_cache=False,
+                )
+    count = float(len(templates))
+    return SubjectStates(
+        keys={layer: total / count for layer, total in sums.items()},
+        outputs=None if out_sum is None else out_sum / count,
+    )

@@ -1,0 +1,309 @@
+"""Target values v*: the change δ of the hidden state after the insertion layer that makes the new answer likely.
+
+For every request, δ is added to the output of block ``L`` (the last edit layer) at the subject's last token of
+each context-prefixed edit prompt, and optimised with Adam to minimise
+
+    loss(δ) = NLL(target | prompts, δ) + kl_factor · KL(p₀ ‖ p_δ)("{subject} is a") + wd · ‖δ‖² / ‖h‖²
+
+(MEMIT, Meng et al. 2023, eq. 16), with ``‖δ‖ ≤ clamp_norm · ‖h‖`` after each step, where ``h`` is the
+original hidden state at the bare prompt. Requests are optimised together: each owns a row of δ and the loss
+is their sum, so one forward/backward serves the whole batch, and a request leaves the batch once its target
+is likely. Blocks ``0..L`` do not depend on δ: they run once, and every step replays blocks ``L+1..`` from the
+cached hidden states with the same arguments the model passed them (captured by a pre-hook), then the final
+norm and the LM head on the few positions the loss reads.
+
+Example:
+    >>> values = compute_target_values(model, tokenizer, requests, layer=8, templates=["{}"])  # doctest: +SKIP
+    >>> values.delta.shape, float(values.prob.min()) > 0.5  # doctest: +SKIP
+    (torch.Size([10, 576]), True)
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lightning_kedit.errors import KeditError
+from lightning_kedit.hooks import StopForward, first_tensor
+from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.requests import EditRequest
+
+from .hparams import EditHyperParams
+from .keys import SubjectNotFoundError, _pad, _pad_id, eval_mode, subject_char_end
+
+__all__ = ["NonFiniteEditError", "TargetValues", "compute_target_values"]
+
+
+class NonFiniteEditError(KeditError):
+    """The optimisation produced NaN or infinite values (try a smaller learning rate or clamp)."""
+
+
+@dataclass
+class TargetValues:
+    """Optimised δ per request (float64, ``(n, value_size)``) and how the optimisation ended."""
+
+    delta: torch.Tensor
+    prob: torch.Tensor
+    steps: torch.Tensor
+    layer: int
+
+
+@dataclass
+class _Batch:
+    rows_ids: torch.Tensor  # (R, T) right padded
+    mask: torch.Tensor  # (R, T)
+    subject_pos: torch.Tensor  # (R,)
+    row_request: torch.Tensor  # (R,) request index of each row
+    label_row: torch.Tensor  # (M,) row of each answer token
+    label_pos: torch.Tensor  # (M,) position whose logits predict it
+    label_id: torch.Tensor  # (M,)
+    label_weight: torch.Tensor  # (M,) 1 / (answer tokens · rewrite rows of its request)
+    kl_row: torch.Tensor  # (n,) the "{subject} is a" row of each request
+    bare_row: torch.Tensor  # (n,) the bare-prompt row of each request
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[tuple[int, int]] | None]:
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(text, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]  # type: ignore[misc]
+    return list(tokenizer(text)["input_ids"]), None
+
+
+def _token_at(tokenizer: PreTrainedTokenizerBase, text: str, offsets: list[tuple[int, int]] | None, char: int) -> int:
+    """Index of the token holding character ``char`` (falls back on tokenising the text up to it)."""
+    if offsets is not None:
+        for index, (start, end) in enumerate(offsets):
+            if start <= char < end:
+                return index
+    return len(tokenizer(text[: char + 1], add_special_tokens=True)["input_ids"]) - 1
+
+
+def _build_batch(
+    tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest], templates: Sequence[str]
+) -> _Batch:
+    rows: list[list[int]] = []
+    positions: list[int] = []
+    row_request: list[int] = []
+    labels: list[tuple[int, int, int, float]] = []
+    special = set(tokenizer.all_special_ids)
+    for r, request in enumerate(requests):
+        for template in templates:
+            prompt, subject_end = subject_char_end(request, template)
+            sep = "" if prompt[-1:].isspace() else " "
+            text = prompt + sep + request.target_new
+            ids, offsets = _encode(tokenizer, text)
+            subject = _token_at(tokenizer, text, offsets, subject_end - 1)
+            if offsets is not None:
+                first = next(i for i, (s, e) in enumerate(offsets) if s >= len(prompt) and e > s)
+                last = max(i for i, (s, e) in enumerate(offsets) if e > s) + 1
+            else:
+                first, last = len(tokenizer(prompt)["input_ids"]), len(ids)
+                while last > first and ids[last - 1] in special:
+                    last -= 1
+            if not 0 <= subject < first < last:
+                raise SubjectNotFoundError(
+                    f"request {request.case_id!r}: cannot place subject {request.subject!r} before the answer "
+                    f"{request.target_new!r} in {text!r}"
+                )
+            row = len(rows)
+            rows.append(ids[: last - 1])
+            positions.append(subject)
+            row_request.append(r)
+            weight = 1.0 / ((last - first) * len(templates))
+            labels += [(row, i - 1, ids[i], weight) for i in range(first, last)]
+    kl_rows = []
+    for r, request in enumerate(requests):
+        text = f"{request.subject} is a"
+        ids, offsets = _encode(tokenizer, text)
+        subject = _token_at(tokenizer, text, offsets, len(request.subject) - 1)
+        kl_rows.append(len(rows))
+        rows.append(ids[: subject + 1])
+        positions.append(subject)
+        row_request.append(r)
+    padded = _pad(rows, positions, _pad_id(tokenizer))
+    label = torch.tensor([x[:3] for x in labels], dtype=torch.long)
+    return _Batch(
+        rows_ids=padded.input_ids,
+        mask=padded.attention_mask,
+        subject_pos=padded.subject_pos,
+        row_request=torch.tensor(row_request),
+        label_row=label[:, 0],
+        label_pos=label[:, 1],
+        label_id=label[:, 2],
+        label_weight=torch.tensor([x[3] for x in labels], dtype=torch.float32),
+        kl_row=torch.tensor(kl_rows),
+        bare_row=torch.arange(len(requests)) * len(templates),
+    )
+
+
+def _take(value: Any, rows: torch.Tensor, n: int) -> Any:
+    """``value`` with every batch-first tensor (leading size ``n``) restricted to ``rows``."""
+    if isinstance(value, torch.Tensor):
+        return value[rows.to(value.device)] if value.ndim >= 2 and value.shape[0] == n and n > 1 else value
+    if isinstance(value, tuple):
+        return tuple(_take(v, rows, n) for v in value)
+    if isinstance(value, list):
+        return [_take(v, rows, n) for v in value]
+    if isinstance(value, dict):
+        return {k: _take(v, rows, n) for k, v in value.items()}
+    return value
+
+
+@contextmanager
+def _replay_capture(
+    adapter: ModelAdapter, layer: int
+) -> Iterator[tuple[list[torch.Tensor], list[tuple[tuple[Any, ...], dict[str, Any]]]]]:
+    """Record block ``layer``'s output and the call arguments of every later block; stop at the final norm."""
+    hidden: list[torch.Tensor] = []
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+
+    def keep_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        hidden.append(first_tensor(output).detach())
+
+    def keep_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        rest = args[1:]
+        kwargs = dict(kwargs)
+        kwargs.pop("hidden_states", None)
+        calls.append((rest, kwargs))
+
+    def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
+        raise StopForward
+
+    handles = [adapter.block(layer).register_forward_hook(keep_output)]
+    try:
+        for i in range(layer + 1, adapter.num_layers):
+            handles.append(adapter.block(i).register_forward_pre_hook(keep_call, with_kwargs=True))
+        handles.append(adapter.final_norm().register_forward_pre_hook(stop))
+        yield hidden, calls
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _logits(adapter: ModelAdapter, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head's logits for final hidden states ``hidden`` (final norm, OPT's projection, soft-capping)."""
+    model = adapter.model
+    out = adapter.final_norm()(hidden)
+    project_out = getattr(getattr(getattr(model, "model", None), "decoder", None), "project_out", None)
+    if project_out is not None:
+        out = project_out(out)
+    logits = adapter.lm_head()(out).float()
+    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def compute_target_values(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    layer: int,
+    templates: Sequence[str],
+    hparams: EditHyperParams | None = None,
+    *,
+    progress: bool = False,
+) -> TargetValues:
+    """Optimise δ for every request, ``hparams.batch_size`` requests at a time (the model is not changed)."""
+    if not requests:
+        raise KeditError("the request list is empty; give at least one edit request")
+    hp = hparams or EditHyperParams()
+    parts = []
+    for start in range(0, len(requests), hp.batch_size):
+        chunk = requests[start : start + hp.batch_size]
+        parts.append(_optimise(model, tokenizer, chunk, layer, templates, hp))
+        if progress:
+            print(f"  targets {start + len(chunk)}/{len(requests)}", file=sys.stderr, flush=True)
+    return TargetValues(
+        delta=torch.cat([p.delta for p in parts]),
+        prob=torch.cat([p.prob for p in parts]),
+        steps=torch.cat([p.steps for p in parts]),
+        layer=layer,
+    )
+
+
+def _optimise(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    layer: int,
+    templates: Sequence[str],
+    hp: EditHyperParams,
+) -> TargetValues:
+    adapter = ModelAdapter.for_model(model)
+    device = next(model.parameters()).device
+    batch = _build_batch(tokenizer, requests, templates)
+    n, n_rows = len(requests), batch.rows_ids.shape[0]
+    with eval_mode(model):
+        with torch.no_grad(), _replay_capture(adapter, layer) as (hidden, calls):
+            try:
+                model(input_ids=batch.rows_ids.to(device), attention_mask=batch.mask.to(device), use_cache=False)
+            except StopForward:
+                pass
+        cached = hidden[0]
+        rows_all = torch.arange(n_rows)
+        base = cached[batch.bare_row, batch.subject_pos[batch.bare_row]].float()
+        base_norm = base.norm(dim=-1).clamp_min(1e-6).cpu()
+        delta = torch.zeros(n, cached.shape[-1], requires_grad=True)
+        optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
+        done = torch.zeros(n, dtype=torch.bool)
+        prob = torch.zeros(n)
+        steps = torch.zeros(n, dtype=torch.long)
+        kl_init: torch.Tensor | None = None
+        blocks = [adapter.block(i) for i in range(layer + 1, adapter.num_layers)]
+        for step in range(max(hp.v_steps, 1)):
+            active = (~done).nonzero().squeeze(1)
+            rows = rows_all[~done[batch.row_request]]
+            local = torch.full((n_rows,), -1, dtype=torch.long)
+            local[rows] = torch.arange(len(rows))
+            h = cached[rows.to(device)]
+            shift = torch.zeros_like(h)
+            shift[torch.arange(len(rows)), batch.subject_pos[rows].to(device)] = delta[batch.row_request[rows]].to(
+                h.dtype
+            ).to(device)
+            h = h + shift
+            for block, (args, kwargs) in zip(blocks, calls):
+                h = first_tensor(block(h, *_take(args, rows, n_rows), **_take(kwargs, rows, n_rows)))
+            keep = ~done[batch.row_request[batch.label_row]]
+            label_rows = local[batch.label_row[keep]]
+            log_probs = _logits(adapter, h[label_rows.to(device), batch.label_pos[keep].to(device)]).log_softmax(-1)
+            token_lp = log_probs.gather(1, batch.label_id[keep].to(device)[:, None]).squeeze(1).cpu()
+            owner = batch.row_request[batch.label_row[keep]]
+            nll = torch.zeros(n).index_add(0, owner, -token_lp * batch.label_weight[keep])
+            kl_rows = batch.kl_row[active]
+            kl_lp = _logits(adapter, h[local[kl_rows].to(device), batch.subject_pos[kl_rows].to(device)]).log_softmax(
+                -1
+            )
+            if kl_init is None:
+                kl_init = kl_lp.detach().cpu()
+            kl = (kl_init[active].exp() * (kl_init[active] - kl_lp.cpu())).sum(-1)
+            decay = (delta[active] ** 2).sum(-1) / base_norm[active] ** 2
+            loss_each = nll[active] + hp.kl_factor * kl + hp.weight_decay * decay
+            loss = loss_each.sum()
+            if not torch.isfinite(loss):
+                raise NonFiniteEditError(
+                    f"the target-value loss became {loss.item()} at step {step}; lower `v_lr` ({hp.v_lr})"
+                )
+            prob[active] = torch.exp(-nll[active].detach())
+            steps[active] = step
+            done[active[prob[active] >= hp.stop_prob]] = True
+            if step >= hp.v_steps - 1 or bool(done.all()):
+                break
+            (grad,) = torch.autograd.grad(loss, [delta])
+            frozen = delta.detach()[done].clone()
+            delta.grad = grad
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                delta[done] = frozen
+                limit = hp.clamp_norm * base_norm
+                norms = delta.norm(dim=-1).clamp_min(1e-12)
+                delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms))[:, None])
+    return TargetValues(delta=delta.detach().double(), prob=prob, steps=steps, layer=layer)
