@@ -44,16 +44,17 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from transformers import PreTrainedTokenizerBase
+
+# Imported at run time, not only for type checking: LightningCLI (jsonargparse) reads the signature.
+from lightning_kedit.editing.hparams import EditHyperParams
 from lightning_kedit.errors import KeditError
 from lightning_kedit.models import ModelAdapter
+from lightning_kedit.requests import EditRequest
+from lightning_kedit.statistics import KeyStatistics, KeyTracker, track_keys
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
     from lightning_kedit.editing.delta import EditDelta
-    from lightning_kedit.editing.hparams import EditHyperParams
-    from lightning_kedit.requests import EditRequest
-    from lightning_kedit.statistics import KeyStatistics, KeyTracker
 
 __all__ = ["EDIT_METRICS", "EDIT_MOMENTS", "AppliedEdit", "KnowledgeEditCallback"]
 
@@ -96,7 +97,7 @@ class KnowledgeEditCallback(Callback):
     ``"epoch:3"``, ``"step:200"``, ``"predict_start"``), also across a resume from a checkpoint.
 
     Args:
-        requests: a request file (any layout ``load_requests`` reads) or a sequence of ``EditRequest``.
+        requests: a request file (any layout ``load_requests`` reads), or ``EditRequest`` objects.
         n_requests: read only the first ``n_requests`` of a file.
         method: ``"memit"``, ``"rome"``, ``"alphaedit"`` or ``"ft"``.
         layers: layers to edit (default: the method's default for the model).
@@ -128,13 +129,15 @@ class KnowledgeEditCallback(Callback):
 
     def __init__(
         self,
-        requests: PathLike | Sequence[EditRequest],
+        # Tuples rather than sequences in these hints: LightningCLI (jsonargparse) reads a path given for a
+        # `Sequence` argument as a file holding the list. Lists work as well at run time.
+        requests: PathLike | tuple[EditRequest, ...],
         *,
         n_requests: int | None = None,
         method: str = "memit",
         layers: Sequence[int] | None = None,
         hparams: EditHyperParams | Mapping[str, Any] | None = None,
-        statistics: PathLike | Sequence[PathLike] | KeyStatistics | None = "train",
+        statistics: PathLike | tuple[PathLike, ...] | KeyStatistics | None = "train",
         statistics_tokens: int = 100_000,
         edit_at: str | Sequence[str] = "fit_end",
         epochs: Sequence[int] | None = None,
@@ -154,7 +157,7 @@ class KnowledgeEditCallback(Callback):
             requests_key = f"{self._requests_source}:{n_requests}"
         else:
             listed = list(requests)
-            if not listed or any(type(r).__name__ != "EditRequest" for r in listed):
+            if not listed or not all(isinstance(r, EditRequest) for r in listed):
                 raise KeditError("`requests` must be a request file or a non-empty sequence of EditRequest")
             self._requests_source = listed[:n_requests]
             ids = "\n".join(r.case_id for r in self._requests_source)
@@ -279,8 +282,6 @@ class KnowledgeEditCallback(Callback):
             source = self._requests_source
             self.requests = load_requests(source, n=self.n_requests) if isinstance(source, Path) else source
         if self.hparams is None:
-            from lightning_kedit.editing.hparams import EditHyperParams
-
             hparams = self._hparams_arg
             if not isinstance(hparams, EditHyperParams):
                 defaults = EditHyperParams.for_model(model, self.method, self.layers)
@@ -304,13 +305,13 @@ class KnowledgeEditCallback(Callback):
         source = self._statistics_arg
         if self.statistics_source is not None:
             # Local sums only: they are all-reduced explicitly, once, when an edit needs them.
-            collected = stats.KeyStatistics(layers, adapter.key_size, distributed_available_fn=_not_distributed)
+            collected = KeyStatistics(layers, adapter.key_size, distributed_available_fn=_not_distributed)
             collected.persistent(True)
             return collected
-        if isinstance(source, stats.KeyStatistics):
+        if isinstance(source, KeyStatistics):
             return source
         if isinstance(source, (str, os.PathLike)) and str(source).endswith(".safetensors"):
-            return stats.KeyStatistics.load(source, model=model, tokenizer=tokenizer, layers=layers)
+            return KeyStatistics.load(source, model=model, tokenizer=tokenizer, layers=layers)
         # A text source or the bundled corpus: rank 0 first, so that a cache file is written once.
         if trainer.global_rank != 0:
             trainer.strategy.barrier("kedit_statistics")
@@ -338,9 +339,7 @@ class KnowledgeEditCallback(Callback):
     def _start_collecting(self, pl_module: LightningModule, source: str) -> None:
         if self.statistics_source != source or self._hooks is not None:
             return
-        from lightning_kedit.statistics import track_keys
-
-        statistics = cast("KeyStatistics", self.statistics).to(pl_module.device)
+        statistics = cast(KeyStatistics, self.statistics).to(pl_module.device)
         self._hooks = ExitStack()
         self._tracker = self._hooks.enter_context(track_keys(_language_model(pl_module), statistics))
         self._tracker.enabled = False
@@ -475,7 +474,7 @@ class KnowledgeEditCallback(Callback):
 
         model = _language_model(pl_module)
         tokenizer = self._tokenizer(pl_module)
-        statistics = self._synchronised_statistics(trainer)
+        statistics = self.gathered_statistics(trainer)
         started = time.perf_counter()
         with _full_parameters(trainer.strategy), _eval_mode(model):
             before = self._evaluate(model, tokenizer)
@@ -531,7 +530,11 @@ class KnowledgeEditCallback(Callback):
             "keep deltas with `checkpoint_deltas=True` or `save_delta_to=DIR`"
         )
 
-    def _synchronised_statistics(self, trainer: Trainer) -> KeyStatistics | None:
+    def gathered_statistics(self, trainer: Trainer) -> KeyStatistics | None:
+        """The statistics an edit would use now: under DDP, the sum over every process's batches so far.
+
+        A collective call when the statistics come from batches and several processes run: call it on all.
+        """
         statistics = self.statistics
         if statistics is None or self.statistics_source is None:
             return statistics

@@ -89,11 +89,13 @@ def run_lightning_cli(args: list[str]) -> None:
     Example:
         >>> run_lightning_cli(["fit", "--config", "examples/finetune_then_edit.yaml"])  # doctest: +SKIP
     """
+    argv = sys.argv
+    # LightningCLI reads sys.argv when given no `args`; passing both makes it warn, so sys.argv is set instead.
+    sys.argv = ["kedit", *args]
     try:
         KnowledgeEditCLI(
             KnowledgeEditModule,
             TextDataModule,
-            args=list(args),
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
         )
@@ -104,3 +106,5 @@ def run_lightning_cli(args: list[str]) -> None:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"kedit {command}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        sys.argv = argv

@@ -1,0 +1,92 @@
+"""KnowledgeEditCallback under DDP (2 CPU processes, gloo) and FSDP (GPU only): the same edit on every rank."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import CSVLogger
+from test_lightning_callback import FAST, LAYERS, REQUESTS, TEXT
+from tiny_models import tiny_model, tiny_tokenizer
+
+from lightning_kedit.lightning import KnowledgeEditCallback, KnowledgeEditModule, TextDataModule
+
+BLOCK, BLOCKS = 16, 8
+
+
+class DumpPerRank(Callback):
+    """After the edit: each rank writes its weights, the gathered statistics and the edit's digest."""
+
+    def __init__(self, folder, edit: KnowledgeEditCallback) -> None:
+        self.folder = folder
+        self.edit = edit
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        statistics = self.edit.gathered_statistics(trainer)
+        torch.save(
+            {
+                "weights": {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()},
+                "statistics": {k: v.clone() for k, v in statistics.metric_state.items()},
+                "digests": [record.digest for record in self.edit.applied],
+                "history": self.edit.history,
+            },
+            self.folder / f"rank{trainer.global_rank}.pt",
+        )
+
+
+def _setup(tmp_path, batch_size: int):
+    path = tmp_path / "train.txt"
+    path.write_text(TEXT)
+    module = KnowledgeEditModule(tiny_model("llama", num_layers=4), tokenizer=tiny_tokenizer(), learning_rate=1e-3)
+    data = TextDataModule(train_files=path, block_size=BLOCK, max_tokens=BLOCK * BLOCKS, batch_size=batch_size,
+                          shuffle=False)
+    callback = KnowledgeEditCallback(REQUESTS, layers=LAYERS, hparams=FAST, statistics="train",
+                                     metrics=["efficacy", "neighborhood", "score"])
+    return module, data, callback
+
+
+def _trainer(tmp_path, **kwargs) -> Trainer:
+    defaults = dict(accelerator="cpu", max_steps=2, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False, default_root_dir=tmp_path)
+    return Trainer(**{**defaults, **kwargs})
+
+
+@pytest.mark.distributed
+def test_ddp_edit_is_bit_identical_on_both_ranks_and_uses_every_batch(tmp_path):
+    module, data, callback = _setup(tmp_path, batch_size=BLOCKS // 4)
+    trainer = _trainer(tmp_path, devices=2, strategy="ddp_spawn", logger=CSVLogger(tmp_path, name="logs"),
+                       callbacks=[callback, DumpPerRank(tmp_path, callback)])
+    trainer.fit(module, data)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+
+    assert rank0["digests"] == rank1["digests"] and len(rank0["digests"]) == 1
+    assert all(torch.equal(rank0["weights"][k], rank1["weights"][k]) for k in rank0["weights"])
+
+    # One process over the same global batches (each step sees the union of both ranks' batches).
+    single_module, single_data, single = _setup(tmp_path, batch_size=BLOCKS // 2)
+    _trainer(tmp_path, devices=1, logger=False, callbacks=[single]).fit(single_module, single_data)
+    expected = single.statistics.metric_state
+    for name, value in rank0["statistics"].items():
+        if name.startswith("count"):
+            assert int(value) == int(expected[name]) == BLOCK * BLOCKS
+        else:
+            torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+
+    rows = list(csv.DictReader((tmp_path / "logs" / "version_0" / "metrics.csv").open()))
+    logged = {key for row in rows for key, value in row.items() if value}
+    assert {"edit/efficacy", "edit/neighborhood", "edit/score", "edit/efficacy_before"} <= logged
+    assert rank0["history"][-1]["efficacy"] == rank1["history"][-1]["efficacy"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 1, reason="FSDP needs a GPU")
+def test_fsdp_applies_the_edit_to_full_parameters(tmp_path):
+    module, data, callback = _setup(tmp_path, batch_size=2)
+    dump = DumpPerRank(tmp_path, callback)
+    trainer = _trainer(tmp_path, accelerator="gpu", devices=1, strategy="fsdp", logger=False,
+                       callbacks=[callback, dump])
+    trainer.fit(module, data)
+    state = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    assert len(state["digests"]) == 1
+    assert callback.history[-1]["efficacy"] >= 0.5
