@@ -43,7 +43,6 @@ from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDevice
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
-
 from transformers import PreTrainedTokenizerBase
 
 # Imported at run time, not only for type checking: LightningCLI (jsonargparse) reads the signature.
