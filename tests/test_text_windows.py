@@ -131,3 +131,14 @@ def test_collect_from_text_counts_every_token(tokenizer, wikitext):
     assert stats.source == "text:wiki.txt"
     capped = collect_key_statistics(tiny_model("gpt2"), tokenizer, [1], wikitext, window=16, max_tokens=20)
     assert capped.count(1) == 20
+
+
+def test_bundled_corpus_is_the_default_source(tokenizer):
+    from tiny_models import tiny_model
+
+    from lightning_kedit.requests import bundled_corpus_path
+    from lightning_kedit.statistics import collect_key_statistics
+
+    stats = collect_key_statistics(tiny_model("gpt2"), tokenizer, [1], max_tokens=100, window=32)
+    assert stats.count(1) == 100
+    assert stats.source == f"text:{bundled_corpus_path().name}"

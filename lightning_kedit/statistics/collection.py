@@ -77,7 +77,9 @@ class KeyTracker:
                 f"{tuple(keys.shape)}; set `tracker.mask` to the attention mask of the batch being run"
             )
         keep = self.mask.reshape(-1).to(device=keys.device, dtype=torch.bool)
-        self.statistics.update(layer, keys.reshape(-1, keys.shape[-1])[keep])
+        rows = keys.reshape(-1, keys.shape[-1])
+        # Full windows (most batches of packed text) need no copy of the selected rows.
+        self.statistics.update(layer, rows if bool(keep.all()) else rows[keep])
 
 
 @contextmanager
