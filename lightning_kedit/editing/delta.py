@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -192,9 +193,13 @@ class _ClassOrInstance:
         self.__doc__ = func.__doc__
 
     def __get__(self, obj: EditDelta | None, owner: type[EditDelta]) -> Callable[..., EditDelta]:
-        if obj is None:
-            return lambda deltas, **kw: self.func(owner, list(deltas), **kw)
-        return lambda *others, **kw: self.func(owner, [obj, *others], **kw)
+        def on_class(deltas: Sequence[EditDelta], **kwargs: Any) -> EditDelta:
+            return self.func(owner, list(deltas), **kwargs)
+
+        def on_instance(*others: EditDelta, **kwargs: Any) -> EditDelta:
+            return self.func(owner, [obj, *others], **kwargs)
+
+        return functools.update_wrapper(on_class if obj is None else on_instance, self.func)
 
 
 class EditDelta:
