@@ -26,7 +26,7 @@ Example:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -194,6 +194,23 @@ def _pad(sequences: list[tuple[int, ...]], pad_id: int, side: str, device: torch
     return ids.to(device), mask.to(device), positions.to(device)
 
 
+def _reads(
+    served: Sequence[list[int]], offsets: Sequence[int], pairs: Sequence[tuple[list[int], int]]
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Row, column, target token and pair of every answer token read from a padded batch."""
+    rows, cols, targets, owners = [], [], [], []
+    for row, (row_pairs, offset) in enumerate(zip(served, offsets, strict=True)):
+        for pair in row_pairs:
+            ids, start = pairs[pair]
+            # The logits at position t - 1 predict token t.
+            for t in range(start, len(ids)):
+                rows.append(row)
+                cols.append(offset + t - 1)
+                targets.append(ids[t])
+                owners.append(pair)
+    return rows, cols, targets, owners
+
+
 def _batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):
@@ -239,11 +256,11 @@ def score_answers(
         return AnswerScores(log_prob, num_tokens, num_correct)
     sequences, owner = _plan_sequences(pairs)
     served: list[list[int]] = [[] for _ in sequences]
-    for index, sequence in enumerate(owner):
-        served[sequence].append(index)
+    for pair, sequence in enumerate(owner):
+        served[sequence].append(pair)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
-    batches = list(_batches([len(s) for s in sequences], batch_size))
+    batches: Iterable[list[int]] = list(_batches([len(s) for s in sequences], batch_size))
     if progress:
         from tqdm.auto import tqdm
 
@@ -253,19 +270,9 @@ def score_answers(
     model.eval()
     try:
         for batch in batches:
-            chunk = [sequences[i] for i in batch]
-            ids, mask, positions = _pad(chunk, pad_id, padding_side, device)
-            rows, cols, targets, owners = [], [], [], []
-            for row, sequence in enumerate(batch):
-                offset = ids.shape[1] - len(sequences[sequence]) if padding_side == "left" else 0
-                for pair in served[sequence]:
-                    full, start = pairs[pair]
-                    # The logits at position t predict token t + 1.
-                    for t in range(start, len(full)):
-                        rows.append(row)
-                        cols.append(offset + t - 1)
-                        targets.append(full[t])
-                        owners.append(pair)
+            ids, mask, positions = _pad([sequences[i] for i in batch], pad_id, padding_side, device)
+            offsets = [ids.shape[1] - len(sequences[i]) if padding_side == "left" else 0 for i in batch]
+            rows, cols, targets, owners = _reads([served[i] for i in batch], offsets, pairs)
             inputs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
             if keep_some:
                 # The LM head runs only on the columns some answer token is read from.
@@ -276,9 +283,9 @@ def score_answers(
             logits = model(**inputs, use_cache=False).logits
             picked = logits[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
             token_log_prob, correct = token_scores(picked, torch.tensor(targets, device=device))
-            index = torch.tensor(owners)
-            log_prob.index_add_(0, index, token_log_prob.cpu())
-            num_correct.index_add_(0, index, correct.long().cpu())
+            owner_index = torch.tensor(owners)
+            log_prob.index_add_(0, owner_index, token_log_prob.cpu())
+            num_correct.index_add_(0, owner_index, correct.long().cpu())
     finally:
         model.train(was_training)
     return AnswerScores(log_prob, num_tokens, num_correct)
@@ -302,7 +309,7 @@ def answer_nll(
     """Per pair, the mean negative log-likelihood of the answer's tokens (float64).
 
     Example:
-        >>> answer_nll(model, tokenizer, ["Rome is in"], ["Italy", "France"])  # doctest: +SKIP
+        >>> answer_nll(model, tokenizer, ["Rome is in", "Rome is in"], ["Italy", "France"])  # doctest: +SKIP
     """
     return score_answers(model, tokenizer, prompts, answers, batch_size=batch_size).nll
 

@@ -33,33 +33,43 @@ PROMPTS = [
 ANSWERS = ["Paris", "Rome", "London", "guitar", "piano music", "basketball", "Steve Jobs", "Dutch"]
 
 
+def naive_pair(reference, tokenizer, prompt: str, answer: str) -> tuple[float, int, int]:
+    """Log-probability, token count and argmax hits of one answer, by a plain loop over float64 logits."""
+    context = tokenizer(prompt).input_ids
+    full = tokenizer(prompt + " " + answer).input_ids
+    assert full[: len(context)] == context
+    with torch.no_grad():
+        logits = reference(input_ids=torch.tensor([full])).logits[0]
+    total, hits = 0.0, 0
+    for t in range(len(context), len(full)):
+        row = logits[t - 1]
+        total += float(row[full[t]] - torch.logsumexp(row, dim=0))
+        hits += int(int(row.argmax()) == full[t])
+    return total, len(full) - len(context), hits
+
+
 def naive_scores(model, tokenizer, prompts, answers):
-    """One pair at a time, float64 copy of the model, log-softmax at every answer position by hand."""
+    """One pair at a time, float64 copy of the model."""
     reference = copy.deepcopy(model).double()
-    log_probs, counts, correct = [], [], []
-    for prompt, answer in zip(prompts, answers):
-        context = tokenizer(prompt).input_ids
-        full = tokenizer(prompt + " " + answer).input_ids
-        assert full[: len(context)] == context
-        with torch.no_grad():
-            logits = reference(input_ids=torch.tensor([full])).logits[0]
-        total, hits = 0.0, 0
-        for t in range(len(context), len(full)):
-            row = logits[t - 1]
-            total += float(row[full[t]] - torch.logsumexp(row, dim=0))
-            hits += int(int(row.argmax()) == full[t])
-        log_probs.append(total)
-        counts.append(len(full) - len(context))
-        correct.append(hits)
+    rows = [naive_pair(reference, tokenizer, p, a) for p, a in zip(prompts, answers, strict=True)]
+    log_probs, counts, correct = zip(*rows, strict=True)
     return torch.tensor(log_probs, dtype=torch.float64), torch.tensor(counts), torch.tensor(correct)
 
 
+_NAIVE: dict[str, tuple[torch.Tensor, ...]] = {}
+
+
+def naive_reference(model_type: str) -> tuple[torch.Tensor, ...]:
+    if model_type not in _NAIVE:
+        _NAIVE[model_type] = naive_scores(tiny_model(model_type), tiny_tokenizer(), PROMPTS, ANSWERS)
+    return _NAIVE[model_type]
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-@pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("batch_size", [1, 3, 32])
+@pytest.mark.parametrize("batch_size,padding_side", [(1, "right"), (3, "left"), (32, "right"), (32, "left")])
 def test_batched_matches_naive(model_type, padding_side, batch_size):
     model, tokenizer = tiny_model(model_type), tiny_tokenizer()
-    expected_lp, expected_n, expected_hits = naive_scores(model, tokenizer, PROMPTS, ANSWERS)
+    expected_lp, expected_n, expected_hits = naive_reference(model_type)
     scores = score_answers(model, tokenizer, PROMPTS, ANSWERS, batch_size=batch_size, padding_side=padding_side)
     assert scores.log_prob.dtype == torch.float64
     torch.testing.assert_close(scores.log_prob, expected_lp, atol=1e-5, rtol=0)
@@ -71,7 +81,8 @@ def test_batched_matches_naive(model_type, padding_side, batch_size):
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_every_architecture_batched_equals_one_at_a_time(model_type):
     model, tokenizer = tiny_model(model_type, num_layers=2), tiny_tokenizer()
-    alone = torch.cat([score_answers(model, tokenizer, [p], [a]).log_prob for p, a in zip(PROMPTS, ANSWERS)])
+    pairs = zip(PROMPTS, ANSWERS, strict=True)
+    alone = torch.cat([score_answers(model, tokenizer, [p], [a]).log_prob for p, a in pairs])
     for side in ("right", "left"):
         batched = score_answers(model, tokenizer, PROMPTS, ANSWERS, batch_size=8, padding_side=side)
         torch.testing.assert_close(batched.log_prob, alone, atol=1e-5, rtol=0)
@@ -116,7 +127,7 @@ def _with_post_processor(template_single: str) -> object:
 def test_bos_is_kept_and_appended_eos_dropped(llama):
     with_bos = _with_post_processor("EOS $A")
     assert with_bos("Rome").input_ids[0] == with_bos.eos_token_id
-    expected_lp, expected_n, _ = naive_scores(llama, with_bos, PROMPTS, ANSWERS)
+    expected_lp, _, _ = naive_scores(llama, with_bos, PROMPTS, ANSWERS)
     torch.testing.assert_close(score_answers(llama, with_bos, PROMPTS, ANSWERS).log_prob, expected_lp, atol=1e-5,
                                rtol=0)
     # An empty prompt is scorable behind a BOS.
@@ -138,7 +149,7 @@ def test_shared_prompts_cost_one_sequence(tokenizer):
     # Single-token answers need only the prompt, which the multi-token answer's sequence starts with.
     assert len(sequences) == 2
     assert owner[0] == owner[1] == owner[2] != owner[3]
-    for (ids, _), sequence in zip(pairs, owner):
+    for (ids, _), sequence in zip(pairs, owner, strict=True):
         assert sequences[sequence][: len(ids) - 1] == tuple(ids[:-1])
 
 
