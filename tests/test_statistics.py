@@ -193,3 +193,21 @@ def test_wide_keys_use_blocks_and_stay_exact():
     expected = keys.double().T @ keys.double() / 300
     assert _relative(stats.second_moment(0), expected) < 1e-13
     assert torch.equal(stats.second_moment(0), stats.second_moment(0).T)
+
+
+def test_batches_of_every_supported_kind():
+    model = tiny_model("llama")
+    ids = torch.randint(1, 300, (2, 6))
+    as_rows = collect_key_statistics(model, None, [1], [ids[0], ids[1]])  # 1-D sequences
+    as_tuple = collect_key_statistics(model, None, [1], [(ids, torch.ones_like(ids))])
+    assert as_rows.count(1) == as_tuple.count(1) == 12
+    assert _relative(as_rows.second_moment(1), as_tuple.second_moment(1)) < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("batches", "match"),
+    [([3.5], "cannot read token ids"), ([{"ids": torch.ones(1, 3)}], "must hold 'input_ids'"), ([], "no tokens")],
+)
+def test_unusable_batches_are_refused(batches, match):
+    with pytest.raises(KeditError, match=match):
+        collect_key_statistics(tiny_model("llama"), None, [1], batches)

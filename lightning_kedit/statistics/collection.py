@@ -224,16 +224,21 @@ def collect_key_statistics(
     layers = _check_layers(adapter, layers)
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise KeditError(f"`max_tokens` must be a positive int, got {max_tokens!r}")
-    context = model_context_length(model)
-    if context is not None and window > context:
-        raise KeditError(
-            f"`window`={window} is longer than the model's context of {context} tokens; use --window {context} or less"
-        )
     batches: Iterable[Any]
     if source is None or _is_text(source):
+        context = model_context_length(model)
+        if context is not None and window > context:
+            raise KeditError(
+                f"`window`={window} is longer than the model's context of {context} tokens; "
+                f"use --window {context} or less"
+            )
+        if tokenizer is None:
+            raise KeditError("reading text needs the model's tokenizer; pass `tokenizer`")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         paths: TextPaths = default_corpus_path() if source is None else source
-        batches = window_batches(text_windows(tokenizer, paths, window, max_tokens=max_tokens), batch_size, pad_id)
+        # With BOS tokens skipped, windows hold fewer keys than tokens: let the loop below stop the reading.
+        windows = text_windows(tokenizer, paths, window, max_tokens=None if skip_bos else max_tokens)
+        batches = window_batches(windows, batch_size, pad_id)
     else:
         batches = cast(Iterable[Any], source)
     statistics = KeyStatistics(layers, adapter.key_size, dtype=dtype)
@@ -251,15 +256,16 @@ def collect_key_statistics(
         with torch.no_grad(), track_keys(model, statistics) as tracker:
             for batch in batches:
                 ids, mask = _as_batch(batch)
-                mask = torch.ones_like(ids) if mask is None else mask.to(ids.device)
+                ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
+                mask = torch.ones_like(ids) if mask is None else mask.to(ids.device).reshape(ids.shape)
                 if bos is not None:
                     mask = mask * (ids != bos)
                 ids, mask = _fit_budget(ids, mask, max_tokens - seen)
                 tokens = int(mask.sum())
                 if tokens == 0:
                     continue
-                tracker.mask = mask
-                run_until(model, stop, input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+                tracker.mask = mask = mask.to(device)
+                run_until(model, stop, input_ids=ids.to(device), attention_mask=mask, use_cache=False)
                 seen += tokens
                 bar.update(tokens)
                 if seen >= max_tokens:
