@@ -46,7 +46,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 # Imported at run time, not only for type checking: LightningCLI (jsonargparse) reads the signature.
-from lightning_kedit.editing.hparams import EditHyperParams
+from lightning_kedit.editing.hparams import METHODS, EditHyperParams
 from lightning_kedit.errors import KeditError
 from lightning_kedit.models import ModelAdapter
 from lightning_kedit.requests import EditRequest
@@ -62,8 +62,8 @@ EDIT_MOMENTS: tuple[str, ...] = ("step", "epoch_end", "fit_end", "predict_start"
 REVERT_MOMENTS: tuple[str, ...] = ("fit_end", "predict_end", "teardown")
 BATCH_SOURCES: tuple[str, ...] = ("train", "validation", "predict")
 EDIT_METRICS: tuple[str, ...] = ("efficacy", "paraphrase", "neighborhood", "consistency", "score", "perplexity")
-METHODS: tuple[str, ...] = ("memit", "rome", "alphaedit", "ft")
 DELTA_SUFFIX = ".safetensors"
+_PROGRESS_BAR_METRICS = ("edit/efficacy", "edit/neighborhood")
 
 PathLike = str | os.PathLike[str]
 
@@ -98,7 +98,7 @@ class KnowledgeEditCallback(Callback):
     Args:
         requests: a request file (any layout ``load_requests`` reads), or ``EditRequest`` objects.
         n_requests: read only the first ``n_requests`` of a file.
-        method: ``"memit"``, ``"rome"``, ``"alphaedit"`` or ``"ft"``.
+        method: an editing method of ``lightning_kedit.editing.METHODS`` (``"memit"``, ``"rome"``, ``"ft"``).
         layers: layers to edit (default: the method's default for the model).
         hparams: hyper-parameters, an ``EditHyperParams`` or a mapping of its fields to override.
         statistics: where the key statistics come from: ``"train"``, ``"validation"`` or ``"predict"``
@@ -475,7 +475,8 @@ class KnowledgeEditCallback(Callback):
         tokenizer = self._tokenizer(pl_module)
         statistics = self.gathered_statistics(trainer)
         started = time.perf_counter()
-        with _full_parameters(trainer.strategy), _eval_mode(model):
+        # Prediction runs under inference mode, but the target values are found by gradient descent.
+        with torch.inference_mode(False), torch.enable_grad(), _full_parameters(trainer.strategy), _eval_mode(model):
             before = self._evaluate(model, tokenizer)
             delta = compute_edit(
                 model,
@@ -552,6 +553,11 @@ class KnowledgeEditCallback(Callback):
                 f"no key statistics were collected from {self.statistics_source!r} batches before the edit "
                 f"(token counts per layer: {counts}); edit later, or give `statistics=` a file or text source"
             )
+        if min(counts.values()) < reduced.key_size:
+            rank_zero_warn(
+                f"KnowledgeEditCallback: the key statistics hold {min(counts.values())} tokens for keys of size "
+                f"{reduced.key_size}, so C is rank-deficient; edit later or raise `mom2_weight` if the solve fails"
+            )
         return reduced
 
     def _evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
@@ -592,9 +598,10 @@ class KnowledgeEditCallback(Callback):
         self.history.append({"key": record.key, "global_step": record.global_step, **values})
         logged = {f"edit/{name}": value for name, value in values.items()}
         if can_log:
-            pl_module.log_dict(logged, prog_bar=False, sync_dist=False)
-            shown = {k: v for k, v in logged.items() if k in ("edit/efficacy", "edit/neighborhood")}
-            pl_module.log_dict(shown, prog_bar=True, logger=False, sync_dist=False)
+            # Every process holds the same values (same edit, same requests): no reduction needed.
+            shown = {k: v for k, v in logged.items() if k in _PROGRESS_BAR_METRICS}
+            pl_module.log_dict(shown, prog_bar=True, sync_dist=False)
+            pl_module.log_dict({k: v for k, v in logged.items() if k not in shown}, sync_dist=False)
         else:
             for logger in trainer.loggers:
                 logger.log_metrics(logged, step=trainer.global_step)
