@@ -62,13 +62,11 @@ def _batches(
     return batches
 
 
-def _batch_nll(
-    model: nn.Module, name: str, weight: Tensor, batch: tuple[Tensor, Tensor, Tensor]
-) -> Tensor:
-    """Sum over the batch's requests of the mean NLL per answer token, with ``name`` replaced by ``weight``."""
+def _batch_nll(model: nn.Module, params: dict[str, Tensor], batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """Sum over the batch's requests of the mean NLL per answer token, with the model's parameters ``params``."""
     input_ids, attention, answer = batch
-    logits = functional_call(model, {name: weight}, args=(), kwargs={"input_ids": input_ids,
-                                                                    "attention_mask": attention}).logits
+    inputs = {"input_ids": input_ids, "attention_mask": attention}
+    logits = functional_call(model, params, args=(), kwargs=inputs).logits
     log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     token_nll = -log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     return ((token_nll * answer).sum(1) / answer.sum(1)).sum()
@@ -123,6 +121,8 @@ def compute_finetune_delta(
     base = adapter.weight(layer).detach()
     batches = _batches(tokenizer, requests, batch_size, base.device)
 
+    # Every other parameter is passed detached: autograd then records the graph only from the tuned layer up.
+    frozen = {name: p.detach() for name, p in model.named_parameters()}
     master = base.float().clone().requires_grad_(True)
     lower, upper = master.detach() - linf_bound, master.detach() + linf_bound
     optimizer = torch.optim.Adam([master], lr=lr)
@@ -135,7 +135,8 @@ def compute_finetune_delta(
                 master.grad = torch.zeros_like(master)
                 for batch in batches:
                     # autograd.grad (not backward) leaves the model's own parameters' .grad untouched.
-                    nll = _batch_nll(model, param_name, master.to(base.dtype), batch) / len(requests)
+                    params = {**frozen, param_name: master.to(base.dtype)}
+                    nll = _batch_nll(model, params, batch) / len(requests)
                     (grad,) = torch.autograd.grad(nll, [master])
                     master.grad += grad
                     loss += float(nll.detach())
