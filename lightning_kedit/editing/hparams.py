@@ -165,7 +165,10 @@ class EditHyperParams:
             chosen = (default_edit_layers(n)[0],)
             base = cls(layers=chosen)
         if layers is not None:
-            base = base.replace(layers=tuple(adapter.check_layers(list(layers))))
+            try:
+                base = base.replace(layers=tuple(adapter.check_layers(list(layers))))
+            except ValueError as err:
+                raise HyperParamError(str(err)) from err
         return base
 
 

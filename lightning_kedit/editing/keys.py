@@ -177,6 +177,8 @@ def subject_states(
 
             def grab(store: torch.Tensor) -> Callable[[torch.Tensor], None]:
                 def fn(x: torch.Tensor) -> None:
+                    if x.ndim == 2:  # OPT flattens (batch, time) before its MLP
+                        x = x.view(*rows.input_ids.shape, -1)
                     store.index_add_(0, who, x[pick, rows.subject_pos.to(x.device)].double().cpu())
 
                 return fn

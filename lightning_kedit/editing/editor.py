@@ -1,0 +1,154 @@
+"""Entry points: ``compute_edit`` (atomic: the model is unchanged) and ``edit`` (compute, then apply).
+
+Example:
+    >>> from lightning_kedit import bundled_requests, load_model
+    >>> model, tokenizer = load_model("smollm2")  # doctest: +SKIP
+    >>> delta = edit(model, tokenizer, bundled_requests(), method="memit")  # doctest: +SKIP
+    >>> delta.revert(model)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lightning_kedit.errors import KeditError
+from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.requests import EditRequest
+
+from .delta import EditDelta
+from .hparams import METHODS, EditHyperParams, HyperParamError
+from .keys import eval_mode
+from .memit import PhaseTimer, memit_updates
+from .rome import rome_updates
+
+__all__ = ["compute_edit", "edit", "resolve_statistics"]
+
+
+def resolve_statistics(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    layers: Sequence[int],
+    statistics: Any = None,
+    *,
+    progress: bool = False,
+) -> Any:
+    """Key statistics for ``layers``: given ones, a file (checked against the model), or the cached default.
+
+    ``None`` loads or collects statistics over the bundled corpus (cached by model fingerprint).
+    """
+    from lightning_kedit.statistics import KeyStatistics, load_or_collect_statistics
+
+    if statistics is None:
+        return load_or_collect_statistics(model, tokenizer, list(layers), progress=progress)
+    if isinstance(statistics, (str, os.PathLike)):
+        return KeyStatistics.load(statistics, model=model, tokenizer=tokenizer, layers=list(layers))
+    return statistics
+
+
+def _hparams(
+    model: nn.Module, method: str, layers: Sequence[int] | None, hparams: EditHyperParams | None
+) -> EditHyperParams:
+    if method not in METHODS:
+        raise HyperParamError(f"`method`={method!r} is not one of {', '.join(METHODS)}")
+    adapter = ModelAdapter.for_model(model)
+    if layers is not None:
+        try:
+            layers = adapter.check_layers(list(layers))
+        except ValueError as err:
+            raise HyperParamError(str(err)) from err
+    base = hparams if hparams is not None else EditHyperParams.for_model(model, method)
+    if layers is not None:
+        base = base.replace(layers=tuple(layers))
+    try:
+        adapter.check_layers(list(base.layers))
+    except ValueError as err:
+        raise HyperParamError(str(err)) from err
+    return base
+
+
+def compute_edit(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    *,
+    method: str = "memit",
+    layers: Sequence[int] | None = None,
+    statistics: Any = None,
+    hparams: EditHyperParams | None = None,
+    progress: bool = False,
+    timings: dict[str, float] | None = None,
+) -> EditDelta:
+    """Compute the weight change that writes ``requests`` into ``model``, without changing the model.
+
+    Args:
+        model: a causal LM of a supported architecture.
+        tokenizer: its tokenizer.
+        requests: the facts to write (all in one edit).
+        method: ``"memit"``, ``"rome"`` or ``"ft"``.
+        layers: edit layers; the method's per-architecture default when None.
+        statistics: key statistics (``KeyStatistics``), a statistics file, or None for the cached statistics
+            of the bundled corpus (not used by ``"ft"``).
+        hparams: hyper-parameters; :meth:`EditHyperParams.for_model` when None (``layers`` overrides theirs).
+        progress: print progress to stderr.
+        timings: when given, filled with seconds per phase (prefixes, keys, targets, solve).
+
+    Returns:
+        The :class:`EditDelta`; apply it with ``delta.apply(model)``.
+
+    Raises:
+        KeditError: empty request list, layers outside the model, statistics for another model or layers,
+            or a non-finite result. The model is unchanged in every case, and on a keyboard interrupt.
+    """
+    requests = list(requests)
+    if not requests:
+        raise KeditError("the request list is empty; give at least one edit request")
+    for request in requests:
+        if not isinstance(request, EditRequest):
+            raise KeditError(f"requests must be EditRequest objects, got {type(request).__name__}")
+    hp = _hparams(model, method, layers, hparams)
+    timer = PhaseTimer()
+    ids = [r.case_id for r in requests]
+    with eval_mode(model):
+        if method == "ft":
+            from .finetune import compute_finetune_delta
+
+            with timer.phase("solve"):
+                delta = compute_finetune_delta(
+                    model, tokenizer, requests, layer=hp.layers[0], steps=hp.ft_steps, lr=hp.ft_lr,
+                    linf_bound=hp.ft_norm_bound, batch_size=hp.batch_size,
+                )
+        else:
+            with timer.phase("statistics"):
+                stats = resolve_statistics(model, tokenizer, hp.layers, statistics, progress=progress)
+            solve = memit_updates if method == "memit" else rome_updates
+            factors, _ = solve(model, tokenizer, requests, stats, hp, timer=timer, progress=progress)
+            with timer.phase("solve"):
+                delta = EditDelta.from_model(
+                    model, factors, method=method, hparams=hp.to_dict(), request_ids=ids, tokenizer=tokenizer
+                )
+    if timings is not None:
+        timings.update(timer.seconds)
+    return delta
+
+
+def edit(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest], **kwargs: Any
+) -> EditDelta:
+    """:func:`compute_edit`, then apply the delta to ``model``; returns it (``delta.revert(model)`` undoes it).
+
+    Example:
+        >>> delta = edit(model, tokenizer, requests, method="rome")  # doctest: +SKIP
+    """
+    timings = kwargs.get("timings")
+    timer = PhaseTimer()
+    delta = compute_edit(model, tokenizer, requests, **kwargs)
+    with timer.phase("apply"):
+        delta.apply(model)
+    if timings is not None:
+        timings.update(timer.seconds)
+    return delta

@@ -1,0 +1,167 @@
+"""MEMIT: many facts written at once over several layers (Meng et al., 2023, Algorithm 1).
+
+For the last edit layer ``L`` the target hidden states ``z = h + δ`` come from :mod:`.targets`. Then, for
+each edit layer ``l`` in order:
+
+1. keys ``K`` (the projection input at the subject's last token, prefix-averaged) and the current hidden
+   states ``h`` at ``L`` are measured with the updates of the earlier layers in place;
+2. the residual ``R = (z − h) / (layers left)`` is spread over the layers still to update;
+3. ``Δ_l = R Kᵀ (λ C + K Kᵀ)⁻¹`` (eq. 14) is solved in float64 by :func:`~.solvers.memit_factors`.
+
+The earlier layers' updates are written into the model only inside a ``try/finally`` that restores the exact
+original weights, whatever happens (an exception, a keyboard interrupt): the caller gets factors and the
+model as it was.
+
+Example:
+    >>> factors = memit_updates(model, tokenizer, requests, statistics, hparams)  # doctest: +SKIP
+    >>> sorted(factors)  # doctest: +SKIP
+    [4, 5, 6, 7, 8]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lightning_kedit.errors import StatisticsMismatchError
+from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.requests import EditRequest
+
+from .hparams import EditHyperParams
+from .keys import subject_states
+from .prefixes import context_templates
+from .solvers import LowRankUpdate, memit_factors, spread_residuals
+from .targets import NonFiniteEditError, TargetValues, compute_target_values
+
+__all__ = [
+    "PhaseTimer",
+    "add_to_weight",
+    "check_statistics",
+    "memit_updates",
+    "scaled_second_moment",
+    "temporary_updates",
+]
+
+
+class PhaseTimer:
+    """Wall-clock seconds per named phase, summed over repeated entries.
+
+    Example:
+        >>> timer = PhaseTimer()
+        >>> with timer.phase("keys"):
+        ...     pass
+        >>> list(timer.seconds)
+        ['keys']
+    """
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def check_statistics(statistics: object, adapter: ModelAdapter, layers: Sequence[int]) -> None:
+    """Refuse statistics that lack a layer or whose key size differs from the model's."""
+    held = list(getattr(statistics, "layers", []))
+    missing = [layer for layer in layers if layer not in held]
+    if missing:
+        raise StatisticsMismatchError(
+            f"the key statistics hold layers {held} but the edit needs {missing}; collect statistics for layers "
+            f"{list(layers)} (kedit stats --layers {','.join(map(str, layers))})"
+        )
+    size = statistics.second_moment(layers[0]).shape[0]  # type: ignore[attr-defined]
+    if size != adapter.key_size:
+        raise StatisticsMismatchError(
+            f"the key statistics have key size {size} but {adapter.model_type} has {adapter.key_size}: "
+            "they were collected on another model"
+        )
+
+
+def scaled_second_moment(statistics: object, layer: int, relative: bool) -> torch.Tensor:
+    """``C`` of ``layer`` in float64; divided by its mean diagonal when ``relative`` (λ then has no units)."""
+    c = statistics.second_moment(layer).to(torch.float64)  # type: ignore[attr-defined]
+    return c / c.diagonal().mean().clamp_min(1e-30) if relative else c
+
+
+@contextmanager
+def temporary_updates(adapter: ModelAdapter, layers: Sequence[int]) -> Iterator[None]:
+    """Inside the block, weights of ``layers`` may be changed (:func:`add_to_weight`); on exit, whatever
+    happens (an exception, a keyboard interrupt), they are restored bit-exactly from copies."""
+    originals = {layer: adapter.weight(layer).detach().clone() for layer in layers}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for layer, weight in originals.items():
+                adapter.weight(layer).copy_(weight)
+
+
+def add_to_weight(adapter: ModelAdapter, layer: int, delta: torch.Tensor) -> None:
+    """``W_l += delta`` (``out x in``, any dtype), computed in float64 and cast to the weight's dtype."""
+    weight = adapter.weight(layer)
+    with torch.no_grad():
+        current = adapter.from_stored_layout(weight).to(torch.float64)
+        updated = (current + delta.to(device=weight.device, dtype=torch.float64)).to(weight.dtype)
+        weight.copy_(adapter.to_stored_layout(updated))
+
+
+def memit_updates(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    statistics: object,
+    hparams: EditHyperParams,
+    *,
+    templates: Sequence[str] | None = None,
+    timer: PhaseTimer | None = None,
+    progress: bool = False,
+) -> tuple[dict[int, LowRankUpdate], TargetValues]:
+    """The MEMIT factors ``U Vᵀ`` per edit layer, and the target values they were fitted to.
+
+    The model is unchanged when this returns or raises.
+    """
+    adapter = ModelAdapter.for_model(model)
+    layers = adapter.check_layers(list(hparams.layers))
+    check_statistics(statistics, adapter, layers)
+    timer = timer or PhaseTimer()
+    last = layers[-1]
+    with timer.phase("prefixes"):
+        templates = list(templates) if templates is not None else context_templates(
+            model, tokenizer, hparams.prefix_lengths, seed=hparams.seed
+        )
+    with timer.phase("keys"):
+        states = subject_states(model, tokenizer, requests, templates, key_layers=[layers[0]], out_layer=last)
+    with timer.phase("targets"):
+        values = compute_target_values(model, tokenizer, requests, last, templates, hparams, progress=progress)
+    assert states.outputs is not None
+    z = states.outputs + values.delta
+    factors: dict[int, LowRankUpdate] = {}
+    with temporary_updates(adapter, layers):
+        for i, layer in enumerate(layers):
+            if i > 0:
+                with timer.phase("keys"):
+                    states = subject_states(
+                        model, tokenizer, requests, templates, key_layers=[layer], out_layer=last
+                    )
+            assert states.outputs is not None
+            with timer.phase("solve"):
+                residuals = spread_residuals(z, states.outputs, len(layers) - i)
+                c = scaled_second_moment(statistics, layer, hparams.lambda_relative)
+                update = memit_factors(states.keys[layer], residuals, c, hparams.mom2_weight)
+                if not (torch.isfinite(update.u).all() and torch.isfinite(update.v).all()):
+                    raise NonFiniteEditError(f"the MEMIT update of layer {layer} is not finite")
+                factors[layer] = update
+            if i + 1 < len(layers):
+                add_to_weight(adapter, layer, update.dense())
+    return factors, values
