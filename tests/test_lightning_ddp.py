@@ -39,7 +39,12 @@ class DumpPerRank(Callback):
 def _setup(tmp_path, batch_size: int):
     path = tmp_path / "train.txt"
     path.write_text(TEXT)
-    module = KnowledgeEditModule(tiny_model("llama", num_layers=4), tokenizer=tiny_tokenizer(), learning_rate=1e-3)
+    model = tiny_model("llama", num_layers=4)
+    # Only the top block and the head train: the keys of the edit layers (1, 2) then do not depend on how
+    # the gradients were reduced, so the statistics of both runs must agree to float64 rounding.
+    for param in [*model.model.embed_tokens.parameters(), *model.model.layers[:3].parameters()]:
+        param.requires_grad_(False)
+    module = KnowledgeEditModule(model, tokenizer=tiny_tokenizer(), learning_rate=1e-3)
     data = TextDataModule(train_files=path, block_size=BLOCK, max_tokens=BLOCK * BLOCKS, batch_size=batch_size,
                           shuffle=False)
     callback = KnowledgeEditCallback(REQUESTS, layers=LAYERS, hparams=FAST, statistics="train",
@@ -72,7 +77,7 @@ def test_ddp_edit_is_bit_identical_on_both_ranks_and_uses_every_batch(tmp_path):
         if name.startswith("count"):
             assert int(value) == int(expected[name]) == BLOCK * BLOCKS
         else:
-            torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(value, expected[name], rtol=1e-10, atol=1e-12)
 
     rows = list(csv.DictReader((tmp_path / "logs" / "version_0" / "metrics.csv").open()))
     logged = {key for row in rows for key, value in row.items() if value}
