@@ -255,3 +255,15 @@ def test_resume_of_a_finished_run_does_not_edit_twice(tmp_path):
     assert [record.key for record in resumed.applied] == ["fit_end"]
     after = _weights(fresh)
     assert all(torch.equal(after[k], edited[k]) for k in edited)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_statistics_stay_float64_and_the_edit_applies_under_bf16(tmp_path, precision):
+    callback = KnowledgeEditCallback(REQUESTS, layers=LAYERS, hparams=FAST, statistics="train", metrics=False)
+    module = _module()
+    _trainer(tmp_path, max_steps=2, precision=precision, callbacks=[callback]).fit(module, _data(tmp_path))
+    assert callback.statistics.second_moment(LAYERS[0]).dtype == torch.float64
+    assert [record.key for record in callback.applied] == ["fit_end"]
+    weight = module.model.model.layers[LAYERS[-1]].mlp.down_proj.weight
+    assert weight.dtype == (torch.bfloat16 if precision == "bf16-true" else torch.float32)
+    assert torch.isfinite(weight).all()
