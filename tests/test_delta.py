@@ -321,3 +321,22 @@ def test_file_errors(tmp_path, monkeypatch):
         _delta(model, seed=4).save(good)
     assert good.read_bytes() == content
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.integration
+def test_smollm2_delta_round_trip_through_a_file(smollm2, tmp_path):
+    model, tokenizer = smollm2
+    adapter = ModelAdapter.for_model(model)
+    layers = adapter.default_layers()
+    before = [adapter.weight(layer).detach().clone() for layer in layers]
+    delta = EditDelta.from_model(model, {layer: _factors(model, 10, layer, scale=1e-3) for layer in layers},
+                                 method="test", tokenizer=tokenizer)
+    assert delta.fingerprint["model_type"] == "llama" and "tokenizer" in delta.fingerprint
+    path = delta.save(tmp_path / "smollm2.safetensors")
+    dense_bytes = len(layers) * adapter.key_size * adapter.value_size * 8
+    assert path.stat().st_size < dense_bytes / 20  # rank-10 factors, not dense matrices
+    loaded = EditDelta.load(path)
+    with loaded.applied(model):
+        changed = [adapter.weight(layer).detach().clone() for layer in layers]
+        assert not any(torch.equal(a, b) for a, b in zip(changed, before, strict=True))
+    assert all(torch.equal(adapter.weight(la), w) for la, w in zip(layers, before, strict=True))

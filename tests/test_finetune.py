@@ -106,3 +106,21 @@ def test_bad_arguments_are_refused():
         compute_finetune_delta(model, tokenizer, REQUESTS, linf_bound=0.0)
     with pytest.raises(ValueError, match="outside"):
         compute_finetune_delta(model, tokenizer, REQUESTS, layer=9)
+
+
+@pytest.mark.integration
+def test_smollm2_ft_raises_the_new_targets_probability_and_leaves_the_model_alone(smollm2):
+    from lightning_kedit.requests import bundled_requests
+    from lightning_kedit.scoring import answer_nll
+
+    model, tokenizer = smollm2
+    requests = bundled_requests()[:3]
+    prompts, targets = [r.prompt_text for r in requests], [r.target_new for r in requests]
+    before = answer_nll(model, tokenizer, prompts, targets)
+    state = _state(model)
+    delta = compute_finetune_delta(model, tokenizer, requests, steps=3, lr=5e-3, linf_bound=1e-2)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert float(delta.update(delta.layers[0]).dense().abs().max()) <= 1e-2 * (1 + 1e-6)
+    with delta.applied(model):
+        after = answer_nll(model, tokenizer, prompts, targets)
+    assert (after < before - 0.5).all(), (before, after)
