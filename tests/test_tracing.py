@@ -371,24 +371,26 @@ def test_cli_errors_are_one_line(model_folder, capsys, extra, match):
 @pytest.mark.integration
 def test_smollm2_trace_matches_one_forward_per_cell(smollm2):
     model, tokenizer = smollm2
-    prompt = "The Eiffel Tower is located in"
+    prompt = "The Eiffel Tower is located in the city of"
     result = causal_trace(model, tokenizer, prompt, "Eiffel Tower", kinds=("hidden",), samples=3,
-                          positions=[3, 6])
+                          positions=[2, 3, 9])
     assert result.answer.strip() == "Paris" and result.subject_range == (1, 4)
     assert result.clean_prob > 0.3 and result.corrupted_prob < result.clean_prob / 3
-    # restoring the last subject token's early residual stream brings much of the answer back
-    assert float(result.effects["hidden"][3, :5].max()) > 0.3 * (result.clean_prob - result.corrupted_prob)
+    # SmolLM2 keeps this subject at 'iffel' early (not at ' Tower') and moves it to the last token late
+    recovered = result.clean_prob - result.corrupted_prob
+    assert float(result.effects["hidden"][2, :5].min()) > 0.3 * recovered
+    assert float(result.effects["hidden"][9, -5:].min()) > 0.5 * recovered > 0.25
     adapter = ModelAdapter.for_model(model)
     ids = torch.tensor([tokenizer(prompt).input_ids])
     draws = torch.randn((3, 3, adapter.value_size), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with torch.no_grad():
         clean = {}
         handles = [adapter.blocks[i].register_forward_hook(lambda m, a, o, i=i: clean.__setitem__(i, o.clone()))
-                   for i in (2, 20)]
+                   for i in (2, 20, 25)]
         model(ids)
         for handle in handles:
             handle.remove()
-        for token, layer in ((3, 2), (6, 20), (3, 20)):
+        for token, layer in ((2, 2), (9, 25), (3, 20)):
             noise = adapter.embeddings().register_forward_hook(
                 lambda m, a, o: torch.cat([o[:, :1], o[:, 1:4] + (draws * result.noise).float(), o[:, 4:]], 1))
 
