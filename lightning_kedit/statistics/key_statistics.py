@@ -30,6 +30,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,10 @@ class KeyStatistics(Metric):
     def _count(self, layer: int) -> Tensor:
         return getattr(self, f"count_{layer}")
 
+    def _reduced(self) -> AbstractContextManager[None]:
+        """States summed over processes inside the block (a collective call when distributed), local after."""
+        return self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync, should_unsync=True)
+
     def update(self, layer: int, keys: Tensor) -> None:  # type: ignore[override]
         """Add the keys of one layer: ``keys`` is ``(n, key_size)``, one row per (valid) token."""
         layer = self._check_layer(layer)
@@ -159,7 +164,12 @@ class KeyStatistics(Metric):
         self._count(layer).add_(keys.shape[0])
 
     def compute(self) -> dict[int, Tensor]:
-        """``{layer: C}`` with ``C = Σ k kᵀ / n`` in float64 (across processes when distributed)."""
+        """``{layer: C}`` with ``C = Σ k kᵀ / n`` in float64.
+
+        In a distributed run the sums of all processes are used (an all-reduce: every process must call it,
+        as for :meth:`second_moment`, :meth:`mean`, :meth:`count` and :meth:`save`); afterwards each process
+        goes on accumulating its own keys.
+        """
         out: dict[int, Tensor] = {}
         for layer in self.layers:
             n = int(self._count(layer))
@@ -178,7 +188,7 @@ class KeyStatistics(Metric):
     def mean(self, layer: int) -> Tensor:
         """The mean key ``E[k]`` of one layer, float64 ``(key_size,)`` (``C - μμᵀ`` is the covariance)."""
         layer = self._check_layer(layer)
-        with self.sync_context(should_sync=self._to_sync, should_unsync=True):
+        with self._reduced():
             n = int(self._count(layer))
             if n == 0:
                 raise KeditError(f"no keys were recorded for layer {layer}")
@@ -187,7 +197,7 @@ class KeyStatistics(Metric):
     def count(self, layer: int) -> int:
         """The number of keys recorded for one layer (across processes when distributed)."""
         layer = self._check_layer(layer)
-        with self.sync_context(should_sync=self._to_sync, should_unsync=True):
+        with self._reduced():
             return int(self._count(layer))
 
     def merge(self, other: KeyStatistics) -> KeyStatistics:
@@ -235,7 +245,7 @@ class KeyStatistics(Metric):
         from safetensors.torch import save_file
 
         target = Path(path)
-        with self.sync_context(should_sync=self._to_sync, should_unsync=True):
+        with self._reduced():
             tensors: dict[str, Tensor] = {}
             for layer in self.layers:
                 tensors[f"sum_kk.{layer}"] = symmetric_from_lower(self._sum_kk(layer)).detach().cpu().contiguous()
