@@ -246,8 +246,8 @@ def report(results: dict[str, Any], num_layers: int) -> None:
     wall, cpu = results["median_wall_seconds"], results["median_cpu_seconds"]
     layers, tokens = results["layers"], results["tokens"]
     print(
-        f"{results['model']} key statistics, layers {layers[0]}-{layers[-1]}, {tokens:,} tokens, {results['threads']} threads, "
-        f"load average {results['load_average'][0]:.1f}, median of {results['repeats']}"
+        f"{results['model']} key statistics, layers {layers[0]}-{layers[-1]}, {tokens:,} tokens, "
+        f"{results['threads']} threads, load average {results['load_average'][0]:.1f}, median of {results['repeats']}"
     )
     header = f"{'phase':<22} {'wall s':>8} {'tokens/s':>9} {'cpu s':>8} {'cpu/(b)':>8} {'cpu/(a)':>8} {'peak MB':>8}"
     print(header)
