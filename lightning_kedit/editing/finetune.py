@@ -65,7 +65,7 @@ def _batches(
 def _batch_nll(model: nn.Module, params: dict[str, Tensor], batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """Sum over the batch's requests of the mean NLL per answer token, with the model's parameters ``params``."""
     input_ids, attention, answer = batch
-    inputs = {"input_ids": input_ids, "attention_mask": attention}
+    inputs = {"input_ids": input_ids, "attention_mask": attention, "use_cache": False}
     logits = functional_call(model, params, args=(), kwargs=inputs).logits
     log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     token_nll = -log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
@@ -152,4 +152,4 @@ def compute_finetune_delta(
     hparams = {"layer": layer, "steps": steps, "lr": lr, "linf_bound": linf_bound, "batch_size": batch_size,
                "min_loss": min_loss}
     return EditDelta.from_model(model, {layer: change}, method="ft", hparams=hparams,
-                                request_ids=[r.case_id for r in requests])
+                                request_ids=[r.case_id for r in requests], tokenizer=tokenizer)
