@@ -7,7 +7,7 @@ import torch
 from conftest import shared_data
 
 from lightning_kedit.errors import StatisticsMismatchError
-from lightning_kedit.hooks import capture_inputs
+from lightning_kedit.hooks import capture_inputs, run_until
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import model_fingerprint
 from lightning_kedit.statistics import KeyStatistics, collect_key_statistics
@@ -29,7 +29,7 @@ def test_smollm2_statistics_match_explicit_keys(smollm2, tmp_path):
     keys: dict[int, list[torch.Tensor]] = {layer: [] for layer in LAYERS}
     for ids, mask in batches:
         with torch.no_grad(), capture_inputs({str(i): adapter.mlp_out(i) for i in LAYERS}) as seen:
-            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            run_until(model, adapter.mlp_out(LAYERS[-1]), input_ids=ids, attention_mask=mask, use_cache=False)
         for layer in LAYERS:
             (x,) = seen[str(layer)]
             keys[layer].append(x.reshape(-1, x.shape[-1])[mask.reshape(-1).bool()].double())
