@@ -65,7 +65,8 @@ EDIT_METRICS: tuple[str, ...] = ("efficacy", "paraphrase", "neighborhood", "cons
 DELTA_SUFFIX = ".safetensors"
 _PROGRESS_BAR_METRICS = ("edit/efficacy", "edit/neighborhood")
 
-PathLike = str | os.PathLike[str]
+# Not os.PathLike: in a LightningCLI signature it makes jsonargparse pass a file's contents instead of its path.
+PathLike = str | Path
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,8 @@ class KnowledgeEditCallback(Callback):
         n_requests: int | None = None,
         method: str = "memit",
         layers: Sequence[int] | None = None,
-        hparams: EditHyperParams | Mapping[str, Any] | None = None,
-        statistics: PathLike | tuple[PathLike, ...] | KeyStatistics | None = "train",
+        hparams: Mapping[str, Any] | EditHyperParams | None = None,
+        statistics: PathLike | list[PathLike] | KeyStatistics | None = "train",
         statistics_tokens: int = 100_000,
         edit_at: str | Sequence[str] = "fit_end",
         epochs: Sequence[int] | None = None,

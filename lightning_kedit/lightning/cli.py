@@ -43,7 +43,7 @@ class CompletionWriter(BasePredictionWriter):
         'completions.jsonl'
     """
 
-    def __init__(self, output: str | os.PathLike[str] | None = None) -> None:
+    def __init__(self, output: str | Path | None = None) -> None:
         super().__init__(write_interval="epoch")
         self.output = None if output is None else Path(output).expanduser()
 

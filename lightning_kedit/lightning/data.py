@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 __all__ = ["PromptDataset", "TextBlockDataset", "TextDataModule", "collate_blocks", "collate_prompts"]
 
-PathLike = str | os.PathLike[str]
+# Not os.PathLike: in a LightningCLI signature it makes jsonargparse pass a file's contents instead of its path.
+PathLike = str | Path
 _REQUEST_SUFFIXES = (".json", ".jsonl")
 
 
@@ -140,9 +141,9 @@ class TextDataModule(LightningDataModule):
 
     def __init__(
         self,
-        train_files: PathLike | Sequence[PathLike] | None = None,
-        val_files: PathLike | Sequence[PathLike] | None = None,
-        test_files: PathLike | Sequence[PathLike] | None = None,
+        train_files: PathLike | list[PathLike] | None = None,
+        val_files: PathLike | list[PathLike] | None = None,
+        test_files: PathLike | list[PathLike] | None = None,
         predict_file: PathLike | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
         block_size: int = 128,
