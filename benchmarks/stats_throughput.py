@@ -5,7 +5,8 @@ repeat, so that load from other processes hits them alike):
 
     (a) a plain forward of the whole model,
     (b) a forward truncated right after the last edit layer (the physical limit of a one-pass collection),
-    (c) ``collect_key_statistics`` for all edit layers (hooks, masking, float64 second moments),
+    (c) ``collect_key_statistics`` for all edit layers (hooks, masking, exact float64 second moments),
+    (c_float32_products) the same with each batch's products in float32, summed in float64,
     (c_text) the same from the text file, tokenisation included (run once).
 
 Peak memory of each phase is measured in a fresh process (resident memory above the loaded model, sampled
@@ -86,8 +87,8 @@ def phases(model: Any, tokenizer: Any, layers: list[int], batches: list[tuple[An
         "a_full_forward": lambda: forward(None),
         "b_truncated_forward": lambda: forward(stop),
         "c_collection": lambda: collect_key_statistics(model, tokenizer, layers, batches, max_tokens=tokens),
-        "c_collection_float32": lambda: collect_key_statistics(
-            model, tokenizer, layers, batches, max_tokens=tokens, dtype=torch.float32
+        "c_float32_products": lambda: collect_key_statistics(
+            model, tokenizer, layers, batches, max_tokens=tokens, product_dtype=torch.float32
         ),
     }
 

@@ -211,3 +211,17 @@ def test_batches_of_every_supported_kind():
 def test_unusable_batches_are_refused(batches, match):
     with pytest.raises(KeditError, match=match):
         collect_key_statistics(tiny_model("llama"), None, [1], batches)
+
+
+@pytest.mark.parametrize("block", [5, 192])
+def test_float32_products_are_summed_in_float64(block):
+    keys = torch.randn(600, 20) * 3 + 1
+    total = torch.zeros(20, 20, dtype=torch.float64)
+    for chunk in keys.split(100):
+        accumulate_outer(total, chunk, block=block, product_dtype=torch.float32)
+    expected = keys.double().T @ keys.double()
+    assert 1e-10 < _relative(symmetric_from_lower(total), expected) < 1e-6
+    stats = KeyStatistics([0], 20, product_dtype=torch.float32)
+    stats.update(0, keys)
+    assert stats.product_dtype == torch.float32 and stats.state_dtype == torch.float64
+    assert _relative(stats.second_moment(0), expected / 600) < 1e-6

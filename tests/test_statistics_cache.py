@@ -147,3 +147,10 @@ def test_weights_hash_sees_one_changed_value():
     assert weights_hash(weight) != weights_hash(changed)
     assert weights_hash(weight) == weights_hash(weight.clone())
     assert weights_hash(weight.to(torch.bfloat16)) != weights_hash(weight)
+
+
+def test_product_dtype_is_kept_in_the_file(tmp_path):
+    stats = KeyStatistics([0], 3, product_dtype=torch.float32)
+    stats.update(0, torch.randn(5, 3))
+    loaded = KeyStatistics.load(stats.save(tmp_path / "s.safetensors", None))
+    assert loaded.product_dtype == torch.float32 and loaded.state_dtype == torch.float64

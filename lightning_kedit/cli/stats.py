@@ -29,6 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward (default: 8)")
     parser.add_argument("--skip-bos", action="store_true", help="leave BOS tokens out of the statistics")
     parser.add_argument(
+        "--products",
+        choices=("float64", "float32"),
+        default="float64",
+        help="dtype of each batch's k kᵀ products, summed in float64: float64 is exact, float32 faster",
+    )
+    parser.add_argument(
         "--out", default=None, metavar="FILE", help="output .safetensors (default: the cache, reused when present)"
     )
     parser.add_argument("--force", action="store_true", help="collect again and overwrite an existing file")
@@ -70,6 +76,8 @@ def _auto_layers(model: Any, tokenizer: Any, default: list[int]) -> tuple[list[i
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Collect (or reuse) the statistics, print a summary and return it for ``--json``."""
+    import torch
+
     from lightning_kedit.models import ModelAdapter, load_model
     from lightning_kedit.models.fingerprint import model_fingerprint
     from lightning_kedit.statistics import collect_key_statistics, load_or_collect_statistics
@@ -88,7 +96,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         layers, note = _auto_layers(model, tokenizer, adapter.default_layers())
     else:
         layers = parse_layers(args.layers, adapter.num_layers)
-    settings = {"max_tokens": args.tokens, "window": args.window, "skip_bos": args.skip_bos}
+    settings = {
+        "max_tokens": args.tokens,
+        "window": args.window,
+        "skip_bos": args.skip_bos,
+        "product_dtype": getattr(torch, args.products),
+    }
     progress = not args.no_progress
     start = time.perf_counter()
     if out is None:

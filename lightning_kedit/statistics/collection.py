@@ -197,6 +197,7 @@ def collect_key_statistics(
     progress: bool = False,
     skip_bos: bool = False,
     dtype: torch.dtype = torch.float64,
+    product_dtype: torch.dtype | None = None,
 ) -> KeyStatistics:
     """The second moment of the MLP keys of ``layers``, from one truncated pass over ``source``.
 
@@ -213,6 +214,8 @@ def collect_key_statistics(
         progress: show a progress bar with tokens, tokens/s and time left.
         skip_bos: leave BOS tokens out (their keys are outliers that no edit prompt ends on).
         dtype: accumulation dtype of :class:`KeyStatistics`.
+        product_dtype: dtype of each batch's products (``None``: exact, in ``dtype``; ``torch.float32``: about
+            1.15x instead of 1.3x the cost of the truncated forward on SmolLM2, relative error ~1e-7).
 
     Returns:
         The statistics, with ``.source`` describing the data.
@@ -241,7 +244,7 @@ def collect_key_statistics(
         batches = window_batches(windows, batch_size, pad_id)
     else:
         batches = cast(Iterable[Any], source)
-    statistics = KeyStatistics(layers, adapter.key_size, dtype=dtype)
+    statistics = KeyStatistics(layers, adapter.key_size, dtype=dtype, product_dtype=product_dtype)
     statistics.source = describe_source(source)
     bos = getattr(tokenizer, "bos_token_id", None) if skip_bos else None
     device = next(model.parameters()).device
@@ -287,6 +290,7 @@ def statistics_cache_path(
     max_tokens: int = 100_000,
     window: int = 256,
     skip_bos: bool = False,
+    product_dtype: torch.dtype | None = None,
 ) -> Path:
     """Where :func:`load_or_collect_statistics` caches these statistics: ``cache_dir()/stats/<digest>.safetensors``.
 
@@ -297,6 +301,8 @@ def statistics_cache_path(
     from lightning_kedit.models.loading import cache_dir
 
     settings = f"{describe_source(source)}|{max_tokens}|{window}|{skip_bos}"
+    if product_dtype not in (None, torch.float64):
+        settings += f"|{product_dtype}"
     digest = fingerprint_digest(model_fingerprint(model, tokenizer, layers), settings)
     return cache_dir() / "stats" / f"{digest}.safetensors"
 
@@ -313,6 +319,7 @@ def load_or_collect_statistics(
     batch_size: int = 8,
     progress: bool = False,
     skip_bos: bool = False,
+    product_dtype: torch.dtype | None = None,
     force: bool = False,
     path: str | os.PathLike[str] | None = None,
 ) -> KeyStatistics:
@@ -323,7 +330,7 @@ def load_or_collect_statistics(
         cache: read and write the cache; False always collects and writes nothing.
         source: text file path(s), or None for the bundled corpus (batches have no identity to cache by:
             use :func:`collect_key_statistics` for them).
-        max_tokens, window, batch_size, progress, skip_bos: as for :func:`collect_key_statistics`.
+        max_tokens, window, batch_size, progress, skip_bos, product_dtype: as for :func:`collect_key_statistics`.
         force: collect again even when the cache holds the statistics, and overwrite it.
         path: the cache file; by default :func:`statistics_cache_path`, keyed by the model fingerprint and the
             collection settings.
@@ -341,7 +348,14 @@ def load_or_collect_statistics(
     layers = _check_layers(ModelAdapter.for_model(model), layers)
     if path is None:
         target = statistics_cache_path(
-            model, tokenizer, layers, source, max_tokens=max_tokens, window=window, skip_bos=skip_bos
+            model,
+            tokenizer,
+            layers,
+            source,
+            max_tokens=max_tokens,
+            window=window,
+            skip_bos=skip_bos,
+            product_dtype=product_dtype,
         )
     else:
         target = Path(path)
@@ -358,6 +372,7 @@ def load_or_collect_statistics(
         batch_size=batch_size,
         progress=progress,
         skip_bos=skip_bos,
+        product_dtype=product_dtype,
     )
     if cache:
         statistics.save(target, model_fingerprint(model, tokenizer, layers), source=statistics.source or "")
