@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 from transformers import PreTrainedTokenizerBase
@@ -25,6 +25,9 @@ from .hparams import METHODS, EditHyperParams, HyperParamError
 from .keys import eval_mode
 from .memit import PhaseTimer, memit_updates
 from .rome import rome_updates
+
+if TYPE_CHECKING:
+    from .target_cache import TargetCache
 
 __all__ = ["compute_edit", "edit", "resolve_statistics"]
 
@@ -82,6 +85,7 @@ def compute_edit(
     hparams: EditHyperParams | None = None,
     progress: bool = False,
     timings: dict[str, float] | None = None,
+    target_cache: TargetCache | None = None,
 ) -> EditDelta:
     """Compute the weight change that writes ``requests`` into ``model``, without changing the model.
 
@@ -96,6 +100,8 @@ def compute_edit(
         hparams: hyper-parameters; :meth:`EditHyperParams.for_model` when None (``layers`` overrides theirs).
         progress: print progress to stderr.
         timings: when given, filled with seconds per phase (prefixes, keys, targets, solve).
+        target_cache: a :class:`~lightning_kedit.editing.target_cache.TargetCache` to read and store target
+            values in (MEMIT and ROME), or None to always optimise them.
 
     Returns:
         The :class:`EditDelta`; apply it with ``delta.apply(model)``.
@@ -126,7 +132,9 @@ def compute_edit(
             with timer.phase("statistics"):
                 stats = resolve_statistics(model, tokenizer, hp.layers, statistics, progress=progress)
             solve = memit_updates if method == "memit" else rome_updates
-            factors, _ = solve(model, tokenizer, requests, stats, hp, timer=timer, progress=progress)
+            factors, _ = solve(
+                model, tokenizer, requests, stats, hp, timer=timer, progress=progress, target_cache=target_cache
+            )
             with timer.phase("solve"):
                 delta = EditDelta.from_model(
                     model, factors, method=method, hparams=hp.to_dict(), request_ids=ids, tokenizer=tokenizer

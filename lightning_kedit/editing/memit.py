@@ -23,6 +23,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -37,6 +38,9 @@ from .keys import subject_states
 from .prefixes import context_templates
 from .solvers import LowRankUpdate, memit_factors, spread_residuals
 from .targets import NonFiniteEditError, TargetValues, compute_target_values
+
+if TYPE_CHECKING:
+    from .target_cache import TargetCache
 
 __all__ = [
     "PhaseTimer",
@@ -126,6 +130,7 @@ def memit_updates(
     templates: Sequence[str] | None = None,
     timer: PhaseTimer | None = None,
     progress: bool = False,
+    target_cache: TargetCache | None = None,
 ) -> tuple[dict[int, LowRankUpdate], TargetValues]:
     """The MEMIT factors ``U Vᵀ`` per edit layer, and the target values they were fitted to.
 
@@ -143,7 +148,9 @@ def memit_updates(
     with timer.phase("keys"):
         states = subject_states(model, tokenizer, requests, templates, key_layers=[layers[0]], out_layer=last)
     with timer.phase("targets"):
-        values = compute_target_values(model, tokenizer, requests, last, templates, hparams, progress=progress)
+        values = compute_target_values(
+            model, tokenizer, requests, last, templates, hparams, progress=progress, target_cache=target_cache
+        )
     assert states.outputs is not None
     z = states.outputs + values.delta
     factors: dict[int, LowRankUpdate] = {}

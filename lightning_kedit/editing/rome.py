@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,6 +35,9 @@ from .prefixes import context_templates
 from .solvers import LowRankUpdate, rome_factors
 from .targets import NonFiniteEditError, TargetValues, compute_target_values
 
+if TYPE_CHECKING:
+    from .target_cache import TargetCache
+
 __all__ = ["rome_updates"]
 
 
@@ -47,6 +51,7 @@ def rome_updates(
     templates: Sequence[str] | None = None,
     timer: PhaseTimer | None = None,
     progress: bool = False,
+    target_cache: TargetCache | None = None,
 ) -> tuple[dict[int, LowRankUpdate], TargetValues]:
     """The summed rank-one factors (rank = number of requests) for the single layer of ``hparams.layers``."""
     if len(hparams.layers) != 1:
@@ -62,7 +67,9 @@ def rome_updates(
     with timer.phase("keys"):
         keys = subject_states(model, tokenizer, requests, templates, key_layers=[layer]).keys[layer]
     with timer.phase("targets"):
-        values = compute_target_values(model, tokenizer, requests, layer, templates, hparams, progress=progress)
+        values = compute_target_values(
+            model, tokenizer, requests, layer, templates, hparams, progress=progress, target_cache=target_cache
+        )
     with timer.phase("solve"):
         second_moment = statistics.second_moment(layer).to(torch.float64)  # type: ignore[attr-defined]
         weight = adapter.from_stored_layout(adapter.weight(layer).detach()).to("cpu", torch.float64)

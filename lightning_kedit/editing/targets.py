@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -37,6 +37,9 @@ from lightning_kedit.requests import EditRequest
 
 from .hparams import EditHyperParams
 from .keys import SubjectNotFoundError, _pad, _pad_id, eval_mode, subject_char_end
+
+if TYPE_CHECKING:
+    from .target_cache import TargetCache
 
 __all__ = ["NonFiniteEditError", "TargetValues", "compute_target_values"]
 
@@ -210,11 +213,21 @@ def compute_target_values(
     hparams: EditHyperParams | None = None,
     *,
     progress: bool = False,
+    target_cache: TargetCache | None = None,
 ) -> TargetValues:
-    """Optimise δ for every request, ``hparams.batch_size`` requests at a time (the model is not changed)."""
+    """Optimise δ for every request, ``hparams.batch_size`` requests at a time (the model is not changed).
+
+    With a ``target_cache`` (:class:`~lightning_kedit.editing.target_cache.TargetCache`), cached targets are
+    read and only the others are optimised (then stored).
+    """
     if not requests:
         raise KeditError("the request list is empty; give at least one edit request")
     hp = hparams or EditHyperParams()
+    if target_cache is not None:
+        return target_cache.lookup_or_compute(
+            model, tokenizer, requests, layer, templates, hp,
+            lambda missing: compute_target_values(model, tokenizer, missing, layer, templates, hp, progress=progress),
+        )
     parts = []
     for start in range(0, len(requests), hp.batch_size):
         chunk = requests[start : start + hp.batch_size]
