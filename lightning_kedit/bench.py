@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -219,22 +219,24 @@ class _Context:
     eval_batch_size: int
     batch_size: int
     verbose: bool
-    resolved: dict[str, Any] = field(default_factory=dict)
+    stat_layers: list[int]
+    resolved: Any = None
 
     def compute_edit(self, model: nn.Module, requests: Sequence[EditRequest], method: BenchMethod,
                      timings: dict[str, float]) -> Any:
         """The delta of ``requests``; phase seconds are added to ``timings``."""
-        from lightning_kedit.editing.editor import compute_edit, resolve_statistics
+        from lightning_kedit.editing import editor
 
         hp = self.hparams[method.name]
-        if method.method != "ft" and method.name not in self.resolved:
-            # Once per method, on the unedited weights: a sequential edit must not re-collect them.
-            self.resolved[method.name] = resolve_statistics(model, self.tokenizer, hp.layers, self.statistics,
-                                                            progress=self.verbose)
+        if method.method != "ft" and self.resolved is None:
+            # Once, on the unedited weights, for the layers of every method: sequential edits change the weights
+            # the statistics' fingerprint is taken from, and must not collect them again.
+            self.resolved = editor.resolve_statistics(model, self.tokenizer, self.stat_layers, self.statistics,
+                                                      progress=self.verbose)
         phases: dict[str, float] = {}
-        delta = compute_edit(
-            model, self.tokenizer, list(requests), method=method.method, statistics=self.resolved.get(method.name),
-            hparams=hp, target_cache=self.target_cache, progress=self.verbose, timings=phases,
+        delta = editor.compute_edit(
+            model, self.tokenizer, list(requests), method=method.method, statistics=self.resolved, hparams=hp,
+            progress=self.verbose, timings=phases, target_cache=self.target_cache,
         )
         for phase, seconds in phases.items():
             timings[phase] = round(timings.get(phase, 0.0) + seconds, 3)
@@ -466,8 +468,10 @@ def run_bench(
                                 settings=settings)
     digests = _prefix_digests(requests)
     results.check_requests(lambda n: digests[n] if n < len(digests) else None)
+    stat_layers = sorted({layer for m in parsed if m.method != "ft" for layer in per_method[m.name].layers})
     context = _Context(tokenizer, requests, digests, statistics, per_method, target_cache or TargetCache(),
-                       str(ppl_text) if ppl_text else None, ppl_tokens, eval_batch_size, batch_size, verbose)
+                       str(ppl_text) if ppl_text else None, ppl_tokens, eval_batch_size, batch_size, verbose,
+                       stat_layers)
     names = ([UNEDITED] if baseline else []) + [m.name for m in parsed]
     todo = {name: [n for n in ns if results.row(name, n) is None] for name in names}
     cells = [(UNEDITED, n, 0) for n in todo.get(UNEDITED, [])]

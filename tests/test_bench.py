@@ -314,3 +314,20 @@ def test_smollm2_bench_raises_efficacy(smollm2, tmp_path):
     assert all(set(ROW_KEYS) <= set(r) for r in data["rows"])
     before, after = results.row("unedited", 10), results.row("memit", 10)
     assert after["efficacy"] > before["efficacy"] and after["efficacy"] >= 0.6
+
+
+def test_real_editor_on_a_tiny_model(model_and_tokenizer, tmp_path):
+    from lightning_kedit.statistics import collect_key_statistics
+
+    model, tokenizer = model_and_tokenizer
+    before = _weights(model)
+    statistics = collect_key_statistics(model, tokenizer, [0, 1, 2], max_tokens=2000)
+    cache = TargetCache(tmp_path / "targets")
+    results = _bench(model_and_tokenizer, tmp_path / "out", tmp_path, methods="memit,rome-seq,ft", counts="1,2",
+                     statistics=statistics, hparams={"v_steps": 3, "ft_steps": 3}, target_cache=cache)
+    assert {(r["method"], r["n"]) for r in results.rows} == {
+        (m, n) for m in ("unedited", "memit", "rome-seq", "ft") for n in (1, 2)}
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))
+    assert results.row("memit", 2)["phases"]["targets"] >= 0
+    # MEMIT's N = 2 cell reads the first request's target from the N = 1 cell.
+    assert results.row("memit", 2)["cached_targets"] >= 1 and cache.hits >= 1
