@@ -336,51 +336,54 @@ class _Tracer:
             self.prefixes[offset] = cache if hasattr(cache, "batch_repeat_interleave") else None
         return self.prefixes[offset]
 
-    def run_cells(self, kind: str, cells: Sequence[tuple[int, int]], window: int, answer: int) -> Tensor:
-        """Mean ``p(answer)`` over the noise draws for each ``(token, layer)`` restored cell."""
-        num_layers = len(self.modules[kind])
-        restored = {cell: restored_layers(kind, cell[1], window, num_layers) for cell in cells}
-        # Batches share a token (for the prefix cache) and a first restored layer as far as possible.
-        order = sorted(range(len(cells)), key=lambda i: (cells[i][0], restored[cells[i]].start))
+    def run_cells(self, cells: Sequence[tuple[str, int, int]], window: int, answer: int) -> Tensor:
+        """Mean ``p(answer)`` over the noise draws for each ``(kind, token, layer)`` restored cell."""
+        num_layers = self.adapter.num_layers
+        restored = {cell: restored_layers(cell[0], cell[2], window, num_layers) for cell in cells}
+        # The blocks below ``entry`` replay the corrupted run. A restored block output is applied by a hook
+        # that also fires on a replayed block, and nothing before it differs: its block is replayed too.
+        entry = {cell: r.start + (cell[0] == "hidden") for cell, r in restored.items()}
+        # Batches share a token (for the prefix cache) and, as far as possible, an entry layer: kinds mixed.
+        order = sorted(range(len(cells)), key=lambda i: (cells[i][1], entry[cells[i]]))
         probs = torch.empty(len(cells), dtype=torch.float64)
         batch: list[int] = []
         for position, index in enumerate(order):
             batch.append(index)
             following = order[position + 1] if position + 1 < len(order) else None
-            if len(batch) == self.cells_per_batch or following is None or cells[following][0] != cells[index][0]:
-                probs[batch] = self._run_batch(kind, [cells[i] for i in batch], restored, answer)
+            if len(batch) == self.cells_per_batch or following is None or cells[following][1] != cells[index][1]:
+                chosen = [cells[i] for i in batch]
+                probs[batch] = self._run_batch(chosen, restored, min(entry[c] for c in chosen), answer)
                 batch = []
         return probs
 
     def _run_batch(
-        self, kind: str, cells: list[tuple[int, int]], restored: dict[tuple[int, int], range], answer: int
+        self, cells: list[tuple[str, int, int]], restored: dict[tuple[str, int, int], range], entry: int, answer: int
     ) -> Tensor:
         n = len(cells)
-        offset = cells[0][0]
+        offset = cells[0][1]
         past = self._prefix(offset) if offset > 0 else None
         if past is None:
             offset = 0
         else:
             past = copy.deepcopy(past)
             past.batch_repeat_interleave(n)
-        start = min(restored[cell].start for cell in cells)
         replay = [
             replace_first_tensor(output, first_tensor(output)[:, offset:].repeat_interleave(n, dim=0))
-            for output in self.corrupted_blocks[:start]
+            for output in self.corrupted_blocks[:entry]
         ]
         # Row r = draw * n + cell: cell c owns rows c, c + n, c + 2n, ...
         rows_of = torch.arange(self.samples, device=self.device) * n
-        patches: dict[int, list[tuple[Tensor, int]]] = {}
-        for c, (token, _) in enumerate(cells):
-            for layer in restored[cells[c]]:
-                patches.setdefault(layer, []).append((rows_of + c, token))
+        patches: dict[tuple[str, int], list[tuple[Tensor, int]]] = {}
+        for c, cell in enumerate(cells):
+            for layer in restored[cell]:
+                patches.setdefault((cell[0], layer), []).append((rows_of + c, cell[1]))
         hooks = {
             self.modules[kind][layer]: self._restore(kind, layer, pairs, offset, self.samples * n)
-            for layer, pairs in patches.items()
+            for (kind, layer), pairs in patches.items()
         }
         with ExitStack() as stack:
             stack.enter_context(self._noised(offset, n))
-            stack.enter_context(_replayed(self.modules["hidden"][:start], replay))
+            stack.enter_context(_replayed(self.modules["hidden"][:entry], replay))
             stack.enter_context(output_hooks(hooks))
             ids = self.ids[None, offset:].expand(self.samples * n, -1)
             logits = self._forward(ids, past).logits
@@ -487,16 +490,15 @@ def causal_trace(
     clean = tracer.run_clean()
     answer_id = encoded.answer_ids[0] if encoded.answer_ids else int(clean.argmax())
     corrupted = tracer.run_corrupted(answer_id)
+    cells = [(kind, p, layer) for kind in kinds for p in traced if p >= first for layer in range(num_layers)]
+    probs = tracer.run_cells(cells, window, answer_id) if cells else torch.empty(0, dtype=torch.float64)
     effects: dict[str, Tensor] = {}
     for kind in kinds:
         values = torch.full((num_tokens, num_layers), math.nan, dtype=torch.float64)
         values[[p for p in traced if p < first]] = 0.0  # before the subject nothing was corrupted
-        cells = [(p, layer) for p in traced if p >= first for layer in range(num_layers)]
-        if cells:
-            probs = tracer.run_cells(kind, cells, window, answer_id)
-            rows, cols = zip(*cells, strict=True)
-            values[list(rows), list(cols)] = probs - corrupted
         effects[kind] = values
+    for (kind, token, layer), p in zip(cells, probs.tolist(), strict=True):
+        effects[kind][token, layer] = p - corrupted
     tokens = tuple(tokenizer.decode([int(i)]) for i in encoded.ids)
     return TraceResult(
         prompt=prompt,
