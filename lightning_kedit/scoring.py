@@ -15,9 +15,11 @@ Pairs that share a context cost one forward: the logits needed by a pair are tho
 ``context + answer[:-1]``, so any token sequence that *starts with* those tokens serves it. The pairs are
 reduced to the few sequences that are not a prefix of another (a single-token new target and true target on
 the same prompt are both read from one forward of the prompt alone), sorted by length and padded in batches.
+Position ids are derived from the attention mask, so right and left padding give the same scores, and the LM
+head runs only at the positions read (``logits_to_keep``) when the model accepts it.
 
 Example:
-    >>> from transformers import AutoModelForCausalLM, AutoTokenizer  # doctest: +SKIP
+    >>> model, tokenizer = load_model("smollm2")  # doctest: +SKIP
     >>> scores = score_answers(model, tokenizer, ["The Eiffel Tower is in"] * 2, ["Paris", "Rome"])  # doctest: +SKIP
     >>> scores.nll  # mean negative log-likelihood per answer token, float64  # doctest: +SKIP
     tensor([1.2031, 5.8710], dtype=torch.float64)

@@ -95,9 +95,9 @@ def format_table(result: dict[str, Any]) -> str:
 
     Example:
         >>> print(format_table({"n": 2, "efficacy": 0.5, "perplexity": None}))
-        requests                     2
-        efficacy                0.5000
-        perplexity                   -
+        requests                          2
+        efficacy                     0.5000
+        perplexity                        -
     """
     width = max(len(label) for label in _ROWS.values())
     lines = [f"{'requests':<{width}} {result['n']:>8}"]
