@@ -118,7 +118,7 @@ def sequence_log_prob(model: nn.Module, input_ids: Tensor, *, start: int = 1) ->
     return log_prob.view(rows, width - start).sum(-1)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def perplexity(
     model: nn.Module,
     tokenizer: Any,

@@ -179,6 +179,8 @@ def token_scores(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         ``(K,)`` float64 ``log softmax(logits)[target]`` and ``(K,)`` bool ``argmax(logits) == target``.
     """
+    if logits.device.type == "mps":  # MPS has no float64
+        logits, targets = logits.cpu(), targets.cpu()
     log_probs = torch.log_softmax(logits.double(), dim=-1)
     return log_probs.gather(-1, targets[:, None]).squeeze(-1), logits.argmax(-1) == targets
 
@@ -219,7 +221,7 @@ def _batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
         yield order[start : start + batch_size]
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def score_answers(
     model: nn.Module,
     tokenizer: Any,

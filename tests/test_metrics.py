@@ -87,8 +87,7 @@ def naive_metrics(model, tokenizer, requests) -> dict:
     return result
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("model_type,seed", [("llama", 0), ("gpt2", 1)])
 def test_evaluate_requests_matches_naive(model_type, seed):
     model, tokenizer = tiny_model(model_type, seed=seed), tiny_tokenizer()
     expected = naive_metrics(model, tokenizer, REQUESTS)
@@ -207,7 +206,7 @@ def naive_perplexity(model, tokenizer, text: str, max_tokens: int, window: int, 
     return math.exp(-total / count)
 
 
-@pytest.mark.parametrize("max_tokens,window", [(50, 16), (40, 20), (1000, 64)])
+@pytest.mark.parametrize("max_tokens,window", [(50, 16), (1000, 64)])
 def test_perplexity_matches_naive(llama, tokenizer, tmp_path, max_tokens, window):
     text = tmp_path / "text.txt"
     text.write_text(_CORPUS)

@@ -65,8 +65,10 @@ def naive_reference(model_type: str) -> tuple[torch.Tensor, ...]:
     return _NAIVE[model_type]
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
-@pytest.mark.parametrize("batch_size,padding_side", [(1, "right"), (3, "left"), (32, "right"), (32, "left")])
+@pytest.mark.parametrize(
+    "model_type,batch_size,padding_side",
+    [("llama", 3, "left"), ("llama", 32, "right"), ("gpt2", 1, "right"), ("gpt2", 3, "right"), ("gpt2", 32, "left")],
+)
 def test_batched_matches_naive(model_type, padding_side, batch_size):
     model, tokenizer = tiny_model(model_type), tiny_tokenizer()
     expected_lp, expected_n, expected_hits = naive_reference(model_type)
