@@ -225,3 +225,15 @@ def test_float32_products_are_summed_in_float64(block):
     stats.update(0, keys)
     assert stats.product_dtype == torch.float32 and stats.state_dtype == torch.float64
     assert _relative(stats.second_moment(0), expected / 600) < 1e-6
+
+
+def test_reset_and_state_memory():
+    stats = KeyStatistics([0, 1], 300)
+    assert all(default.untyped_storage().nbytes() <= 8 for default in stats._defaults.values())
+    stats.update(0, torch.randn(4, 300))
+    stats.reset()
+    assert stats._sum_kk(0).shape == (300, 300) and stats._sum_kk(0).is_contiguous()
+    assert stats._count(0) == 0 and float(stats._sum_kk(0).abs().sum()) == 0.0
+    keys = torch.randn(7, 300)
+    stats.update(0, keys)
+    assert _relative(stats.second_moment(0), keys.double().T @ keys.double() / 7) < 1e-13

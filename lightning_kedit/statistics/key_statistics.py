@@ -150,6 +150,11 @@ class KeyStatistics(Metric):
             self.add_state(f"sum_kk_{layer}", torch.zeros(key_size, key_size, dtype=dtype), dist_reduce_fx="sum")
             self.add_state(f"sum_k_{layer}", torch.zeros(key_size, dtype=dtype), dist_reduce_fx="sum")
             self.add_state(f"count_{layer}", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
+        # torchmetrics keeps a copy of every default for reset(): a d×d zero matrix per layer. A zero-stride
+        # view of one scalar resets the same (reset clones it into a dense tensor) and costs no memory.
+        for name, default in self._defaults.items():
+            if isinstance(default, Tensor):
+                self._defaults[name] = torch.zeros((), dtype=default.dtype).expand(default.shape)
 
     # ----------------------------------------------------------------------------------------------- states
     def _check_layer(self, layer: int) -> int:
@@ -181,6 +186,15 @@ class KeyStatistics(Metric):
         self._sum_k(layer).add_(keys.sum(dim=0))
         self._count(layer).add_(keys.shape[0])
 
+    def _moment(self, layer: int) -> Tensor:
+        n = int(self._count(layer))
+        if n == 0:
+            raise KeditError(
+                f"no keys were recorded for layer {layer}: run some text through the model first "
+                "(collect_key_statistics, or a forward pass inside track_keys)"
+            )
+        return symmetric_from_lower(self._sum_kk(layer)).to(torch.float64) / n
+
     def compute(self) -> dict[int, Tensor]:
         """``{layer: C}`` with ``C = Σ k kᵀ / n`` in float64.
 
@@ -188,20 +202,13 @@ class KeyStatistics(Metric):
         as for :meth:`second_moment`, :meth:`mean`, :meth:`count` and :meth:`save`); afterwards each process
         goes on accumulating its own keys.
         """
-        out: dict[int, Tensor] = {}
-        for layer in self.layers:
-            n = int(self._count(layer))
-            if n == 0:
-                raise KeditError(
-                    f"no keys were recorded for layer {layer}: run some text through the model first "
-                    "(collect_key_statistics, or a forward pass inside track_keys)"
-                )
-            out[layer] = symmetric_from_lower(self._sum_kk(layer)).to(torch.float64) / n
-        return out
+        return {layer: self._moment(layer) for layer in self.layers}
 
     def second_moment(self, layer: int) -> Tensor:
         """C of one layer, float64 ``(key_size, key_size)``."""
-        return self.compute()[self._check_layer(layer)]
+        layer = self._check_layer(layer)
+        with self._reduced():
+            return self._moment(layer)
 
     def mean(self, layer: int) -> Tensor:
         """The mean key ``E[k]`` of one layer, float64 ``(key_size,)`` (``C - μμᵀ`` is the covariance)."""
