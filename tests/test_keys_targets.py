@@ -72,10 +72,10 @@ def _naive_states(model, tokenizer, layer, out_layer):
         for template in TEMPLATES:
             text, end = subject_char_end(request, template)
             pos = len(tokenizer(text[:end])["input_ids"]) - 1
-            seen = {}
-            adapter.mlp_out(layer).register_forward_pre_hook(lambda m, a: seen.setdefault("k", a[0]))
+            seen: dict[str, torch.Tensor] = {}
+            adapter.mlp_out(layer).register_forward_pre_hook(lambda m, a, seen=seen: seen.setdefault("k", a[0]))
             adapter.block(out_layer).register_forward_hook(
-                lambda m, a, o: seen.setdefault("o", o[0] if isinstance(o, tuple) else o)
+                lambda m, a, o, seen=seen: seen.setdefault("o", o[0] if isinstance(o, tuple) else o)
             )
             with torch.no_grad():
                 model(input_ids=torch.tensor([tokenizer(text)["input_ids"]]))

@@ -126,7 +126,10 @@ def test_failure_in_any_phase_leaves_model_bit_identical(phase, tokenizer, monke
         monkeypatch.setattr(memit, "spread_residuals", failing)
     if phase == "nan":
         real = memit.memit_factors
-        monkeypatch.setattr(memit, "memit_factors", lambda *a, **k: real(*a, **k)._replace(u=real(*a, **k).u * torch.nan))
+        def nan_factors(*args, **kwargs):
+            return real(*args, **kwargs)._replace(u=torch.full((2, 2), torch.nan))
+
+        monkeypatch.setattr(memit, "memit_factors", nan_factors)
     if phase == "delta":
         from lightning_kedit.editing import editor
 

@@ -72,7 +72,7 @@ def _look(model: nn.Module, tokenizer: Any, probes: list[tuple[int, str, str, st
 
     texts = greedy_completions(model, tokenizer, [p[2] for p in probes], tokens)
     log_probs, _ = answer_log_probs(model, tokenizer, [p[2] for p in probes], [p[3] for p in probes])
-    return [(text, float(lp.exp())) for text, lp in zip(texts, log_probs)]
+    return [(text, float(lp.exp())) for text, lp in zip(texts, log_probs, strict=True)]
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         report = delta.revert(model)
     rows = []
     print(f"MEMIT: {len(requests)} facts written at once into layers {list(hp.layers)} of {args.model}\n")
-    for (i, kind, prompt, answer), (text0, p0), (text1, p1) in zip(probes, before, after):
+    for (i, kind, prompt, answer), (text0, p0), (text1, p1) in zip(probes, before, after, strict=True):
         if kind == "edit":
             r = requests[i]
             print(f"[{r.case_id}] {r.subject}: {r.target_true} -> {r.target_new}")

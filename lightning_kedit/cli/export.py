@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(staging)
+        model.save_pretrained(staging)  # type: ignore[operator]
         tokenizer.save_pretrained(staging)
         if out.exists():
             shutil.rmtree(out)

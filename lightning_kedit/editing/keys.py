@@ -112,7 +112,7 @@ def tokenize_rows(
     """Tokenise ``texts``, pad them on the right and locate the token ending at each ``char_ends``."""
     rows: list[list[int]] = []
     positions: list[int] = []
-    for text, end in zip(texts, char_ends):
+    for text, end in zip(texts, char_ends, strict=True):
         ids, index = locate_token(tokenizer, text, end)
         rows.append(ids)
         positions.append(index)
@@ -135,6 +135,18 @@ def _pad(rows: list[list[int]], positions: list[int], pad_id: int) -> TokenRows:
         mask[i, : len(row)] = 1
     lengths = mask.sum(1)
     return TokenRows(ids, mask, torch.tensor(positions, dtype=torch.long), lengths)
+
+
+def _accumulator(store: torch.Tensor, owners: torch.Tensor, rows: TokenRows) -> Callable[[torch.Tensor], None]:
+    """A hook body adding each row's state at its subject position into ``store[owner]``."""
+    pick = torch.arange(len(rows.subject_pos))
+
+    def accumulate(x: torch.Tensor) -> None:
+        if x.ndim == 2:  # OPT flattens (batch, time) before its MLP
+            x = x.view(*rows.input_ids.shape, -1)
+        store.index_add_(0, owners, x[pick, rows.subject_pos.to(x.device)].double().cpu())
+
+    return accumulate
 
 
 @torch.no_grad()
@@ -172,19 +184,11 @@ def subject_states(
     with eval_mode(model):
         for start in range(0, len(texts), batch_size):
             rows = tokenize_rows(tokenizer, texts[start : start + batch_size], ends[start : start + batch_size])
-            pick = torch.arange(len(rows.subject_pos))
             who = owner[start : start + batch_size]
-
-            def grab(store: torch.Tensor) -> Callable[[torch.Tensor], None]:
-                def fn(x: torch.Tensor) -> None:
-                    if x.ndim == 2:  # OPT flattens (batch, time) before its MLP
-                        x = x.view(*rows.input_ids.shape, -1)
-                    store.index_add_(0, who, x[pick, rows.subject_pos.to(x.device)].double().cpu())
-
-                return fn
-
-            in_hooks = {adapter.mlp_out(layer): grab(sums[layer]) for layer in layers}
-            out_hooks = {adapter.block(out_layer): grab(out_sum)} if out_sum is not None and out_layer is not None else {}
+            in_hooks = {adapter.mlp_out(layer): _accumulator(sums[layer], who, rows) for layer in layers}
+            out_hooks = {}
+            if out_sum is not None and out_layer is not None:
+                out_hooks = {adapter.block(out_layer): _accumulator(out_sum, who, rows)}
             with input_hooks(in_hooks), output_hooks(out_hooks):
                 run_until(
                     model,

@@ -75,7 +75,6 @@ def generate_prefixes(
             continue
         start = tokenizer(opening)["input_ids"]
         ids = torch.tensor([start] * n_rows, device=device)
-        n_start = ids.shape[1]
         for _ in range(length):
             logits = model(input_ids=ids, use_cache=False).logits[:, -1].float().cpu()
             if special:
@@ -84,8 +83,7 @@ def generate_prefixes(
             choice = torch.multinomial(top.values.softmax(-1), 1, generator=generator)
             ids = torch.cat([ids, top.indices.gather(1, choice).to(device)], dim=1)
         for row in ids.tolist():
-            text = tokenizer.decode(row[:n_start] + row[n_start:], skip_special_tokens=True)
-            texts.append(_clean(text))
+            texts.append(_clean(str(tokenizer.decode(row, skip_special_tokens=True))))
     return texts
 
 

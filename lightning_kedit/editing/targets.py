@@ -282,7 +282,7 @@ def _optimise(
                 h.dtype
             ).to(device)
             h = h + shift
-            for block, (args, kwargs) in zip(blocks, calls):
+            for block, (args, kwargs) in zip(blocks, calls, strict=True):
                 h = first_tensor(block(h, *_take(args, rows, n_rows), **_take(kwargs, rows, n_rows)))
             keep = ~done[batch.row_request[batch.label_row]]
             label_rows = local[batch.label_row[keep]]
