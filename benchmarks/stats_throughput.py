@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ def make_batches(tokenizer: Any, text: Path, tokens: int, window: int, batch_siz
     return list(window_batches(windows, batch_size, tokenizer.pad_token_id or 0))
 
 
-def phases(model: Any, tokenizer: Any, layers: list[int], batches: list[tuple[Any, Any]], tokens: int) -> dict:
+def phases(model: Any, tokenizer: Any, layers: list[int], batches: Iterable[tuple[Any, Any]], tokens: int) -> dict:
     from lightning_kedit.hooks import run_until
     from lightning_kedit.models import ModelAdapter
     from lightning_kedit.statistics import collect_key_statistics
@@ -117,8 +117,8 @@ def probe(args: argparse.Namespace) -> None:
             source = traced_batches(batches, trace)
             return collect_key_statistics(model, tokenizer, args.layer_list, source, max_tokens=args.tokens)
 
-    else:
-        fn = phases(model, tokenizer, args.layer_list, batches, args.tokens)[args.probe]
+    else:  # the forward passes iterate their batches once: trace them the same way
+        fn = phases(model, tokenizer, args.layer_list, traced_batches(batches, trace), args.tokens)[args.probe]
     base = _rss_bytes()
     _, extra = peak_extra_memory(fn)
     print(json.dumps({"peak_extra_bytes": extra, "rss_per_batch": [value - base for value in trace]}))
