@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model("smollm2")
     requests = load_requests(DATA / "counterfact" / "counterfact-val.json", args.n)
     hp = EditHyperParams.for_model(model, "memit").replace(v_steps=args.v_steps)
-    stats = load_or_collect_statistics(model, tokenizer, list(hp.layers), source=DATA / "text" / "enwiki_sample_gensim.txt",
-                                       max_tokens=args.stats_tokens)
+    corpus = DATA / "text" / "enwiki_sample_gensim.txt"
+    stats = load_or_collect_statistics(model, tokenizer, list(hp.layers), source=corpus, max_tokens=args.stats_tokens)
     rows = []
     tick = time.perf_counter()
     rows.append(_row("unedited", _evaluate(model, tokenizer, requests, args.ppl_tokens), time.perf_counter() - tick))
