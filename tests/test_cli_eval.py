@@ -99,6 +99,29 @@ def test_bad_input(files, tmp_path, capsys, argv, message):
     assert not out.exists()
 
 
+def test_delta_is_applied(files, tmp_path, capsys):
+    import torch
+
+    from lightning_kedit.editing import EditDelta
+    from lightning_kedit.models import load_model
+
+    model, _ = load_model(str(files / "model"))
+    delta_path = tmp_path / "delta.safetensors"
+    EditDelta.from_model(model, {1: 0.5 * torch.randn(32, 64, generator=torch.Generator().manual_seed(0))},
+                         method="test").save(delta_path)
+    base, edited = tmp_path / "base.json", tmp_path / "edited.json"
+    common = ["--model", files / "model", "--requests", files / "requests.json"]
+    assert kedit(*common, "--json", base) == 0
+    assert kedit(*common, "--delta", delta_path, "--json", edited) == 0
+    before, after = json.loads(base.read_text()), json.loads(edited.read_text())
+    assert list(after) == KEYS
+    assert after["efficacy_prob"] != pytest.approx(before["efficacy_prob"], abs=1e-6)
+    other = tmp_path / "other.safetensors"
+    EditDelta.from_model(tiny_model("gpt2"), {1: torch.ones(32, 64)}, method="test").save(other)
+    assert kedit(*common, "--delta", other) == 2
+    assert "another architecture" in capsys.readouterr().err
+
+
 def test_delta_without_editing_module(files, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "lightning_kedit.editing", None)  # makes the import fail
     assert kedit("--model", files / "model", "--requests", files / "requests.json", "--delta",
