@@ -93,7 +93,8 @@ def compute_edit(
         model: a causal LM of a supported architecture.
         tokenizer: its tokenizer.
         requests: the facts to write (all in one edit).
-        method: ``"memit"``, ``"rome"`` or ``"ft"``.
+        method: ``"memit"``, ``"rome"``, ``"ft"`` or ``"alphaedit"`` (without a history here; see
+            :func:`~lightning_kedit.editing.sequential.edit_sequentially`).
         layers: edit layers; the method's per-architecture default when None.
         statistics: key statistics (``KeyStatistics``), a statistics file, or None for the cached statistics
             of the bundled corpus (not used by ``"ft"``).
@@ -116,6 +117,11 @@ def compute_edit(
     for request in requests:
         if not isinstance(request, EditRequest):
             raise KeditError(f"requests must be EditRequest objects, got {type(request).__name__}")
+    if method == "alphaedit":  # MEMIT's pipeline with a null-space projected solve (editing/alphaedit.py)
+        from .alphaedit import compute_alphaedit
+
+        return compute_alphaedit(model, tokenizer, requests, layers=layers, statistics=statistics, hparams=hparams,
+                                 progress=progress, timings=timings)
     hp = _hparams(model, method, layers, hparams)
     timer = PhaseTimer()
     ids = [r.case_id for r in requests]

@@ -1,0 +1,227 @@
+"""AlphaEdit: MEMIT's multi-layer edit with every update projected onto the null space of preserved keys.
+
+AlphaEdit (Fang et al., 2025) keeps MEMIT's pipeline: the same target hidden states ``z = h + δ`` at the last
+edit layer (:mod:`.targets`), the same keys, the same spreading of the residual ``(z − h) / (layers left)``
+over the edit layers. Only the solve differs (:mod:`.nullspace`): each layer's update is restricted to the
+directions that the keys of ordinary text never take (eigenvectors of ``C`` below ``threshold · λ_max``), so
+that the outputs for those keys do not move, and it also keeps the outputs of the keys of every earlier
+AlphaEdit batch recorded in an :class:`~.history.EditHistory`. That is what lets edits accumulate: MEMIT's
+``λ C`` term only discourages changes on ordinary keys, and sequential MEMIT updates disturb earlier ones.
+
+Two knobs, besides MEMIT's hyper-parameters:
+
+- ``threshold`` (default ``1e-2``): relative eigenvalue cut-off of the null space. Smaller keeps fewer
+  directions (better preservation, less room to write); see docs/editing-that-lasts.md.
+- ``alpha`` (default ``1.0``): the weight of ``‖Δ‖²``, relative to the mean diagonal of ``C``, which makes one
+  value transfer across layers whose key scales differ. Larger gives smaller, less exact updates.
+
+Example:
+    >>> delta = compute_alphaedit(model, tokenizer, requests, history=history)  # doctest: +SKIP
+    >>> delta.method  # doctest: +SKIP
+    'alphaedit'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from lightning_kedit.errors import KeditError
+from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.requests import EditRequest
+
+from .delta import EditDelta
+from .history import EditHistory
+from .hparams import EditHyperParams, HyperParamError
+from .keys import eval_mode, subject_states
+from .memit import PhaseTimer, add_to_weight, check_statistics, temporary_updates
+from .nullspace import alphaedit_factors, null_space_basis
+from .prefixes import context_templates
+from .solvers import LowRankUpdate, spread_residuals
+from .targets import NonFiniteEditError, TargetValues, compute_target_values
+
+__all__ = ["DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "alphaedit_updates", "compute_alphaedit", "null_space_bases"]
+
+#: Relative eigenvalue threshold of the null space (eigenvalues below ``threshold · λ_max(C)`` are kept).
+DEFAULT_THRESHOLD = 1e-2
+#: Weight of ``‖Δ‖²`` relative to the mean diagonal of ``C``.
+DEFAULT_ALPHA = 1.0
+
+
+def null_space_bases(statistics: Any, layers: Sequence[int], threshold: float = DEFAULT_THRESHOLD) -> dict[int, Tensor]:
+    """The null-space basis ``Û`` of each layer's preserved-key second moment (see :func:`null_space_basis`).
+
+    Computing them once and passing them to every batch of a sequence saves one eigendecomposition per layer
+    and batch.
+    """
+    return {
+        layer: null_space_basis(statistics.second_moment(layer).to(torch.float64), threshold=threshold)
+        for layer in layers
+    }
+
+
+def _check_options(threshold: float, alpha: float) -> None:
+    if not 0 < threshold <= 1:
+        raise HyperParamError(f"`threshold` must lie in (0, 1] (relative to the largest eigenvalue), got {threshold}")
+    if not alpha > 0:
+        raise HyperParamError(f"`alpha` must be > 0, got {alpha}")
+
+
+def alphaedit_updates(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    statistics: Any,
+    hparams: EditHyperParams,
+    *,
+    history: EditHistory | None = None,
+    threshold: float = DEFAULT_THRESHOLD,
+    alpha: float = DEFAULT_ALPHA,
+    bases: Mapping[int, Tensor] | None = None,
+    timer: PhaseTimer | None = None,
+    progress: bool = False,
+) -> tuple[dict[int, LowRankUpdate], dict[int, Tensor], TargetValues]:
+    """The AlphaEdit factors per edit layer, the keys written at each layer, and the target values.
+
+    Args:
+        model: the model, as the previous batches left it (unchanged when this returns or raises).
+        tokenizer: its tokenizer.
+        requests: the facts of this batch.
+        statistics: key statistics of the *unedited* model for ``hparams.layers`` (they define ``P``).
+        hparams: MEMIT's hyper-parameters (layers, target optimisation); ``mom2_weight`` is not used.
+        history: earlier batches whose keys' outputs must be kept (``K_p``); None for none.
+        threshold: relative eigenvalue threshold of the null space.
+        alpha: weight of ``‖Δ‖²`` relative to ``mean(diag C)``.
+        bases: precomputed null-space bases per layer (:func:`null_space_bases` with the same threshold).
+        timer: accumulates seconds per phase.
+        progress: print the target optimisation's progress.
+    """
+    _check_options(threshold, alpha)
+    adapter = ModelAdapter.for_model(model)
+    layers = adapter.check_layers(list(hparams.layers))
+    check_statistics(statistics, adapter, layers)
+    timer = timer or PhaseTimer()
+    last = layers[-1]
+    with timer.phase("prefixes"):
+        templates = context_templates(model, tokenizer, hparams.prefix_lengths, seed=hparams.seed)
+    with timer.phase("keys"):
+        states = subject_states(model, tokenizer, requests, templates, key_layers=[layers[0]], out_layer=last)
+    with timer.phase("targets"):
+        values = compute_target_values(model, tokenizer, requests, last, templates, hparams, progress=progress)
+    with timer.phase("nullspace"):
+        missing = [layer for layer in layers if bases is None or layer not in bases]
+        found = dict(bases or {})
+        found.update(null_space_bases(statistics, missing, threshold))
+    assert states.outputs is not None
+    z = states.outputs + values.delta
+    factors: dict[int, LowRankUpdate] = {}
+    keys: dict[int, Tensor] = {}
+    with temporary_updates(adapter, layers):
+        for i, layer in enumerate(layers):
+            if i > 0:
+                with timer.phase("keys"):
+                    states = subject_states(model, tokenizer, requests, templates, key_layers=[layer], out_layer=last)
+            assert states.outputs is not None
+            with timer.phase("solve"):
+                residuals = spread_residuals(z, states.outputs, len(layers) - i)
+                scale = float(statistics.second_moment(layer).to(torch.float64).diagonal().mean())
+                previous = history.gram(layer) if history is not None else None
+                update = alphaedit_factors(
+                    states.keys[layer], residuals, found[layer], alpha=alpha * scale, previous_gram=previous
+                )
+                if not (torch.isfinite(update.u).all() and torch.isfinite(update.v).all()):
+                    raise NonFiniteEditError(f"the AlphaEdit update of layer {layer} is not finite")
+                factors[layer] = update
+                keys[layer] = states.keys[layer]
+            if i + 1 < len(layers):
+                add_to_weight(adapter, layer, update.dense())
+    return factors, keys, values
+
+
+def compute_alphaedit(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    *,
+    layers: Sequence[int] | None = None,
+    statistics: Any = None,
+    hparams: EditHyperParams | None = None,
+    history: EditHistory | None = None,
+    threshold: float | None = None,
+    alpha: float | None = None,
+    bases: Mapping[int, Tensor] | None = None,
+    keys: dict[int, Tensor] | None = None,
+    progress: bool = False,
+    timings: dict[str, float] | None = None,
+) -> EditDelta:
+    """Compute the AlphaEdit delta of ``requests`` without changing ``model`` (``compute_edit(method="alphaedit")``).
+
+    Args:
+        model: the model, as the previous batches of ``history`` left it.
+        tokenizer: its tokenizer.
+        requests: the facts to write.
+        layers: edit layers (MEMIT's defaults when None).
+        statistics: key statistics of the unedited model, a statistics file, or None for the cached ones.
+        hparams: MEMIT's hyper-parameters (``EditHyperParams.for_model(model, "memit")`` when None);
+            ``hparams.extra`` may hold ``nullspace_threshold`` and ``alpha``.
+        history: earlier AlphaEdit batches whose edits must be kept.
+        threshold: relative null-space threshold (:data:`DEFAULT_THRESHOLD` when None).
+        alpha: relative weight of ``‖Δ‖²`` (:data:`DEFAULT_ALPHA` when None).
+        bases: precomputed null-space bases (:func:`null_space_bases`).
+        keys: when given, filled with the keys written per layer (for ``history.push(delta, keys)``).
+        progress: print progress to stderr.
+        timings: when given, filled with seconds per phase.
+
+    Returns:
+        The :class:`EditDelta` (method ``"alphaedit"``; threshold and alpha recorded in its hyper-parameters).
+
+    Example:
+        >>> found: dict = {}
+        >>> delta = compute_alphaedit(model, tokenizer, requests, history=history, keys=found)  # doctest: +SKIP
+        >>> delta.apply(model); history.push(delta, found)  # doctest: +SKIP
+    """
+    from .editor import resolve_statistics
+
+    requests = list(requests)
+    if not requests:
+        raise KeditError("the request list is empty; give at least one edit request")
+    if not all(isinstance(r, EditRequest) for r in requests):
+        raise KeditError("requests must be EditRequest objects")
+    adapter = ModelAdapter.for_model(model)
+    hp = hparams if hparams is not None else EditHyperParams.for_model(model, "memit")
+    if layers is not None:
+        try:
+            hp = hp.replace(layers=tuple(adapter.check_layers(list(layers))))
+        except ValueError as err:
+            raise HyperParamError(str(err)) from err
+    try:
+        adapter.check_layers(list(hp.layers))
+    except ValueError as err:
+        raise HyperParamError(str(err)) from err
+    threshold = float(threshold if threshold is not None else hp.extra.get("nullspace_threshold", DEFAULT_THRESHOLD))
+    alpha = float(alpha if alpha is not None else hp.extra.get("alpha", DEFAULT_ALPHA))
+    _check_options(threshold, alpha)
+    timer = PhaseTimer()
+    with eval_mode(model):
+        with timer.phase("statistics"):
+            stats = resolve_statistics(model, tokenizer, hp.layers, statistics, progress=progress)
+        factors, written, _ = alphaedit_updates(
+            model, tokenizer, requests, stats, hp, history=history, threshold=threshold, alpha=alpha,
+            bases=bases, timer=timer, progress=progress,
+        )
+        with timer.phase("solve"):
+            delta = EditDelta.from_model(
+                model, factors, method="alphaedit",
+                hparams={**hp.to_dict(), "nullspace_threshold": threshold, "alpha": alpha,
+                         "previous_edits": history.num_edits if history is not None else 0},
+                request_ids=[r.case_id for r in requests], tokenizer=tokenizer,
+            )
+    if keys is not None:
+        keys.update(written)
+    if timings is not None:
+        timings.update(timer.seconds)
+    return delta
