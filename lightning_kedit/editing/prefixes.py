@@ -73,7 +73,10 @@ def generate_prefixes(
         n_rows = count // len(OPENINGS) + (1 if i < count % len(OPENINGS) else 0)
         if n_rows == 0:
             continue
-        start = tokenizer(opening)["input_ids"]
+        start = list(tokenizer(opening)["input_ids"])
+        if tokenizer.eos_token_id is not None and start[0] != tokenizer.bos_token_id:
+            # No BOS: start a new document the way pre-training data does, after an end-of-text token.
+            start = [int(tokenizer.eos_token_id), *start]
         ids = torch.tensor([start] * n_rows, device=device)
         for _ in range(length):
             logits = model(input_ids=ids, use_cache=False).logits[:, -1].float().cpu()
@@ -105,7 +108,7 @@ def context_templates(
     Cached in memory and under ``cache_dir()/prefixes`` by model digest, lengths and seed.
     """
     lengths = tuple((int(a), int(b)) for a, b in lengths)
-    key = f"{model_digest(model, tokenizer)}-{seed}-" + "_".join(f"{a}x{b}" for a, b in lengths)
+    key = f"{model_digest(model, tokenizer)}-{seed}-v2-" + "_".join(f"{a}x{b}" for a, b in lengths)
     if key in _MEMO:
         return list(_MEMO[key])
     path = cache_dir() / "prefixes" / f"{key}.json"
