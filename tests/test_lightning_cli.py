@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from tiny_models import tiny_model, tiny_tokenizer
 
@@ -71,3 +72,32 @@ def test_a_missing_file_is_a_one_line_error(tmp_path, tiny_folder, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("kedit fit: error: `train_files`: text file") and "nope.txt" in err[-1]
+
+
+@pytest.mark.integration
+def test_smollm2_serves_edited_facts_at_predict_start_and_reverts(smollm2, tmp_path):
+    from lightning.pytorch import Trainer
+
+    from lightning_kedit.lightning import KnowledgeEditCallback, KnowledgeEditModule, TextDataModule
+    from lightning_kedit.requests import bundled_corpus_path, bundled_requests
+
+    model, tokenizer = smollm2
+    requests = bundled_requests()[:2]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(r.prompt_text + "\n" for r in requests))
+    module = KnowledgeEditModule(model, tokenizer=tokenizer, max_new_tokens=3)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "down_proj" in k}
+    callback = KnowledgeEditCallback(tuple(requests), statistics=[str(bundled_corpus_path())],
+                                     statistics_tokens=4000, edit_at="predict_start", revert_at="predict_end",
+                                     metrics=["efficacy", "neighborhood"])
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[callback])
+    rows = [row for batch in trainer.predict(module, TextDataModule(predict_file=prompts)) for row in batch]
+    result = callback.history[-1]
+    assert result["efficacy"] == 1.0 and result["efficacy_before"] == 0.0
+    assert result["neighborhood"] >= result["neighborhood_before"] - 0.5
+    # The served completions carry the new facts.
+    for row, request in zip(rows, requests, strict=True):
+        assert row["completion"].strip().startswith(request.target_new.split()[0]), row
+    after = {k: v for k, v in model.state_dict().items() if "down_proj" in k}
+    assert all(torch.equal(after[k], before[k]) for k in before)

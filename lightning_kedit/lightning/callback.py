@@ -150,6 +150,8 @@ class KnowledgeEditCallback(Callback):
         checkpoint_deltas: bool = False,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
+        if n_requests is not None and n_requests < 1:
+            raise KeditError(f"`n_requests` must be >= 1 or None, got {n_requests}")
         if isinstance(requests, (str, os.PathLike)):
             if not Path(requests).expanduser().is_file():
                 raise KeditError(f"`requests` file {str(requests)!r} not found; give a request file (.json/.jsonl)")
@@ -162,8 +164,6 @@ class KnowledgeEditCallback(Callback):
             self._requests_source = listed[:n_requests]
             ids = "\n".join(r.case_id for r in self._requests_source)
             requests_key = "ids:" + hashlib.sha256(ids.encode()).hexdigest()[:16]
-        if n_requests is not None and n_requests < 1:
-            raise KeditError(f"`n_requests` must be >= 1 or None, got {n_requests}")
         if method not in METHODS:
             raise KeditError(f"`method` must be one of {METHODS}, got {method!r}")
         moments = [edit_at] if isinstance(edit_at, str) else list(edit_at)

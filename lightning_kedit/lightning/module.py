@@ -111,9 +111,7 @@ class KnowledgeEditModule(LightningModule):
             self.save_hyperparameters(ignore=["tokenizer"])
             model, loaded_tokenizer = load_model(model)
             tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
-        # Loaded models come in eval mode; Lightning keeps each submodule's mode, so fine-tuning needs train mode
-        # (validation and prediction switch to eval mode and back by themselves).
-        self.model = model.train()
+        self.model = model
         self.tokenizer = tokenizer
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -126,6 +124,11 @@ class KnowledgeEditModule(LightningModule):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """The wrapped model's forward (returns its output object, with ``.logits``)."""
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def on_fit_start(self) -> None:
+        # Loaded models come in eval mode and Lightning keeps each submodule's mode: fine-tuning needs train mode
+        # (validation and prediction switch to eval mode and back by themselves).
+        self.model.train()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Mean next-token cross-entropy over the non-padding tokens of the batch."""
