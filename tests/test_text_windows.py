@@ -142,3 +142,13 @@ def test_bundled_corpus_is_the_default_source(tokenizer):
     stats = collect_key_statistics(tiny_model("gpt2"), tokenizer, [1], max_tokens=100, window=32)
     assert stats.count(1) == 100
     assert stats.source == f"text:{bundled_corpus_path().name}"
+
+
+def test_progress_bar_shows_tokens_and_rate(tokenizer, wikitext, capsys):
+    from tiny_models import tiny_model
+
+    from lightning_kedit.statistics import collect_key_statistics
+
+    collect_key_statistics(tiny_model("gpt2"), tokenizer, [0], wikitext, window=16, max_tokens=40, progress=True)
+    err = capsys.readouterr().err
+    assert "key statistics" in err and "40.0/40.0" in err and "tok/s" in err and "<00:00" in err
