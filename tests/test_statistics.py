@@ -200,7 +200,8 @@ def test_batches_of_every_supported_kind():
     ids = torch.randint(1, 300, (2, 6))
     as_rows = collect_key_statistics(model, None, [1], [ids[0], ids[1]])  # 1-D sequences
     as_tuple = collect_key_statistics(model, None, [1], [(ids, torch.ones_like(ids))])
-    assert as_rows.count(1) == as_tuple.count(1) == 12
+    bool_mask = collect_key_statistics(model, None, [1], [{"input_ids": ids, "attention_mask": ids > 0}])
+    assert as_rows.count(1) == as_tuple.count(1) == bool_mask.count(1) == 12
     assert _relative(as_rows.second_moment(1), as_tuple.second_moment(1)) < 1e-6
 
 

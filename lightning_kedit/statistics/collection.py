@@ -260,7 +260,7 @@ def collect_key_statistics(
             for batch in batches:
                 ids, mask = _as_batch(batch)
                 ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
-                mask = torch.ones_like(ids) if mask is None else mask.to(ids.device).reshape(ids.shape)
+                mask = torch.ones_like(ids) if mask is None else mask.to(ids.device, torch.long).reshape(ids.shape)
                 if bos is not None:
                     mask = mask * (ids != bos)
                 ids, mask = _fit_budget(ids, mask, max_tokens - seen)
