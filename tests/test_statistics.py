@@ -238,3 +238,16 @@ def test_reset_and_state_memory():
     keys = torch.randn(7, 300)
     stats.update(0, keys)
     assert _relative(stats.second_moment(0), keys.double().T @ keys.double() / 7) < 1e-13
+
+
+def test_dataloader_of_padded_examples():
+    from torch.utils.data import DataLoader
+
+    ids, mask = _padded_batch(3)
+    examples = [{"input_ids": i, "attention_mask": m, "labels": i} for i, m in zip(ids, mask, strict=True)]
+    model = tiny_model("gpt_neox")
+    from_loader = collect_key_statistics(model, None, [0, 2], DataLoader(examples, batch_size=2))
+    expected = _explicit_second_moments(model, [0, 2], [(ids[:2], mask[:2]), (ids[2:], mask[2:])])
+    for layer in (0, 2):
+        assert from_loader.count(layer) == int(mask.sum())
+        assert _relative(from_loader.second_moment(layer), expected[layer]) < 1e-10
