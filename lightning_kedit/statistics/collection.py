@@ -3,6 +3,7 @@
 Every edit layer's keys come from the same forward pass, and the pass stops right after the MLP output
 projection of the last edit layer, so the layers above it never run: for SmolLM2 and layers 4-8 that is
 9 of 30 blocks and no LM head. Padding (and optionally BOS) tokens are dropped through the attention mask.
+What remains on top of that truncated pass is the arithmetic of the second moments (docs/benchmarks).
 
 Example:
     >>> from lightning_kedit import load_model  # doctest: +SKIP
@@ -215,7 +216,7 @@ def collect_key_statistics(
         skip_bos: leave BOS tokens out (their keys are outliers that no edit prompt ends on).
         dtype: accumulation dtype of :class:`KeyStatistics`.
         product_dtype: dtype of each batch's products (``None``: exact, in ``dtype``; ``torch.float32``: about
-            1.15x instead of 1.3x the cost of the truncated forward on SmolLM2, relative error ~1e-7).
+            1.2x instead of 1.4x the cost of the truncated forward on SmolLM2, relative error ~1e-7).
 
     Returns:
         The statistics, with ``.source`` describing the data.
