@@ -1,0 +1,145 @@
+"""Sequential CounterFact edits on SmolLM2: efficacy, paraphrase, neighbourhood, score and perplexity per batch.
+
+Question: when facts are written in batches one after another, each on the model the previous ones left, how do
+sequential MEMIT, ROME and AlphaEdit hold up as edits accumulate?
+
+For each method the script writes ``--n`` requests in batches of ``--batch-size`` with
+:func:`lightning_kedit.editing.edit_sequentially`; after every batch the callback evaluates all requests
+written so far (:func:`lightning_kedit.metrics.evaluate_requests`) and the perplexity of the first
+``--ppl-tokens`` tokens of ``--ppl-text``. The unedited model is evaluated on the same request prefixes. At the
+end the whole sequence is reverted with ``history.revert(model, len(history))`` and the weights are checked
+bit-exact. Rows go to a JSON file after every batch (a killed run keeps what it measured), a table to stdout,
+and a PNG of the curves when matplotlib is installed.
+
+Run (the numbers of docs/benchmarks/sequential.md):
+    python benchmarks/sequential_edits.py --methods alphaedit,memit --n 300 --batch-size 100 --v-steps 10 \\
+        --out benchmarks/results/sequential_edits.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_kedit.editing import EditHyperParams
+from lightning_kedit.editing.sequential import SequentialStep, edit_sequentially
+from lightning_kedit.metrics import evaluate_requests
+from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.loading import load_model
+from lightning_kedit.requests import load_requests
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+COLUMNS = ("method", "edits", "efficacy", "paraphrase", "neighborhood", "score", "perplexity", "batch_s", "eval_s")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default="alphaedit,memit", help="comma-separated: alphaedit, memit, rome, ft")
+    parser.add_argument("--n", type=int, default=300, help="requests written in all")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--v-steps", type=int, default=None, help="Adam steps of the target optimisation")
+    parser.add_argument("--prefixes", type=int, default=None, help="context prefixes of 10 tokens (default 5)")
+    parser.add_argument("--threshold", type=float, default=None, help="AlphaEdit's relative null-space threshold")
+    parser.add_argument("--alpha", type=float, default=None, help="AlphaEdit's relative weight of |Δ|²")
+    parser.add_argument("--requests", default=str(DATA / "counterfact" / "counterfact-train.json"))
+    parser.add_argument("--ppl-text", default=str(DATA / "text" / "wikitext2_test.txt"))
+    parser.add_argument("--ppl-tokens", type=int, default=5000)
+    parser.add_argument("--out", default="benchmarks/results/sequential_edits.json")
+    return parser.parse_args(argv)
+
+
+def evaluate(model: Any, tokenizer: Any, requests: list, args: argparse.Namespace, *,
+             ppl: bool = True) -> tuple[dict[str, Any], float]:
+    start = time.perf_counter()
+    metrics = evaluate_requests(model, tokenizer, requests, ppl_text=args.ppl_text if ppl else None,
+                                ppl_tokens=args.ppl_tokens)
+    return metrics, time.perf_counter() - start
+
+
+def row(method: str, edits: int, metrics: dict[str, Any], batch_s: float, eval_s: float) -> dict[str, Any]:
+    keep = ("efficacy", "paraphrase", "neighborhood", "score", "perplexity", "efficacy_prob", "neighborhood_prob")
+    return {"method": method, "edits": edits, **{k: metrics[k] for k in keep},
+            "batch_s": round(batch_s, 1), "eval_s": round(eval_s, 1)}
+
+
+def print_row(entry: dict[str, Any]) -> None:
+    cells = [f"{entry[c]:.3f}" if isinstance(entry[c], float) and c not in ("batch_s", "eval_s", "perplexity")
+             else f"{entry[c]:.2f}" if isinstance(entry[c], float) else str(entry[c]) for c in COLUMNS]
+    print(" | ".join(cells), flush=True)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: no plot)", file=sys.stderr)
+        return
+    names = ("efficacy", "paraphrase", "neighborhood", "score", "perplexity")
+    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2))
+    for axis, name in zip(axes, names, strict=True):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            points = [(r["edits"], r[name]) for r in rows if r["method"] == method]
+            axis.plot(*zip(*points, strict=True), marker="o", label=method)
+        axis.set_title(name)
+        axis.set_xlabel("edits")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model("smollm2")
+    requests = load_requests(args.requests, n=args.n)
+    rows: list[dict[str, Any]] = []
+    setup = {k: v for k, v in vars(args).items() if k != "out"}
+
+    def save() -> None:
+        out.write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+
+    print(" | ".join(COLUMNS))
+    unedited_ppl = None
+    for edits in range(args.batch_size, args.n + 1, args.batch_size):
+        metrics, eval_s = evaluate(model, tokenizer, requests[:edits], args, ppl=unedited_ppl is None)
+        unedited_ppl = metrics["perplexity"] = metrics["perplexity"] or unedited_ppl  # the same for every count
+        rows.append(row("unedited", edits, metrics, 0.0, eval_s))
+        print_row(rows[-1])
+        save()
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        hp = EditHyperParams.for_model(model, "memit" if method == "alphaedit" else method)
+        hp = hp.replace(v_steps=args.v_steps)
+        if args.prefixes is not None:
+            hp = hp.replace(prefix_lengths=((10, args.prefixes),))
+        adapter = ModelAdapter.for_model(model)
+        before = {layer: adapter.weight(layer).detach().clone() for layer in range(adapter.num_layers)}
+
+        def on_batch(step: SequentialStep, method: str = method) -> None:
+            metrics, eval_s = evaluate(model, tokenizer, requests[: step.edits], args)
+            rows.append(row(method, step.edits, metrics, step.seconds, eval_s))
+            print_row(rows[-1])
+            save()
+
+        history = edit_sequentially(model, tokenizer, requests, method=method, batch_size=args.batch_size,
+                                    hparams=hp, threshold=args.threshold, alpha=args.alpha, callback=on_batch)
+        batches = len(history)
+        history.revert(model, batches)
+        exact = all(torch.equal(adapter.weight(layer), w) for layer, w in before.items())
+        print(f"{method}: reverted all {batches} batches, weights bit-exact: {exact}", flush=True)
+        setup[f"{method}_revert_exact"] = exact
+        save()
+    plot(rows, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
