@@ -44,8 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--v-steps", type=int, default=None)
     parser.add_argument("--rome", type=int, default=0, help="ROME single edits on the first N cases")
     parser.add_argument("--ft", action="store_true", help="also the FT baseline on the batch")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 is much faster on a CPU shared with other jobs)")
     parser.add_argument("--out", default="benchmarks/results/edit_quality.json")
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from lightning_kedit.editing import EditHyperParams, compute_edit, context_templates, memit_updates
     from lightning_kedit.editing.delta import EditDelta

@@ -62,14 +62,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="10,100")
     parser.add_argument("--stats-tokens", type=int, default=100_000)
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 is much faster on a CPU shared with other jobs)")
     parser.add_argument("--out", default="benchmarks/results/edit_speed.json")
     args = parser.parse_args(argv)
     if args.one is not None:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         print(json.dumps(measure(args.one, args.stats_tokens)))
         return 0
     rows = []
     for n in (int(x) for x in args.sizes.split(",")):
-        done = subprocess.run([sys.executable, __file__, "--one", str(n), "--stats-tokens", str(args.stats_tokens)],
+        done = subprocess.run([sys.executable, __file__, "--one", str(n), "--stats-tokens", str(args.stats_tokens),
+                               *(["--threads", str(args.threads)] if args.threads else [])],
                               check=True, capture_output=True, text=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)

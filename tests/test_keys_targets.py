@@ -202,3 +202,11 @@ def test_hparams_for_model_and_overrides():
     with pytest.raises(HyperParamError, match="method"):
         EditHyperParams.for_model(model, "magic")
     assert EditHyperParams.from_dict(memit.to_dict()) == memit
+
+
+def test_targets_bfloat16_autocast_close_to_float32(tokenizer):
+    model = peaky("llama")
+    hp = EditHyperParams(layers=(2,), v_steps=1)
+    exact = compute_target_values(model, tokenizer, REQUESTS, 2, TEMPLATES, hp)
+    fast = compute_target_values(model, tokenizer, REQUESTS, 2, TEMPLATES, hp.replace(v_bfloat16=True))
+    torch.testing.assert_close(fast.prob, exact.prob, rtol=0.1, atol=0.0)

@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for option, (_, kind, help_text) in _HPARAM_OPTIONS.items():
         parser.add_argument(f"--{option.replace('_', '-')}", dest=f"hp_{option}", type=kind, default=None,
                             help=f"{help_text} (default: per model)")
+    parser.add_argument("--bf16", dest="v_bfloat16", action="store_true", default=None,
+                        help="upper layers in bfloat16 autocast while optimising target values (faster)")
     parser.add_argument("--no-eval", action="store_true", help="skip the before/after metrics")
     parser.add_argument("--progress", action="store_true", help="print progress to stderr")
 
@@ -65,6 +67,7 @@ def hparams_from_args(model: Any, args: argparse.Namespace) -> Any:
     hp = EditHyperParams.for_model(model, args.method, layers)
     changes = {field: getattr(args, f"hp_{option}") for option, (field, _, _) in _HPARAM_OPTIONS.items()}
     changes["lambda_relative"] = args.lambda_relative
+    changes["v_bfloat16"] = args.v_bfloat16
     return hp.replace(**changes)
 
 

@@ -59,6 +59,8 @@ class EditHyperParams:
         prefix_lengths: pairs ``(tokens, count)`` of model-generated context prefixes; a bare prompt is added.
         batch_size: requests whose target values are optimised in one forward/backward (memory bound).
         seed: seed of prefix generation.
+        v_bfloat16: run the upper layers in bfloat16 autocast while δ is optimised (about 2× faster on CPUs
+            with AVX-512 BF16 or AMX; δ, the loss and Adam stay in float32).
         ft_norm_bound: L∞ bound on the fine-tuning change (method "ft").
         ft_steps: fine-tuning steps (method "ft").
         ft_lr: fine-tuning learning rate (method "ft").
@@ -76,6 +78,7 @@ class EditHyperParams:
     prefix_lengths: tuple[tuple[int, int], ...] = ((10, 5),)
     batch_size: int = 32
     seed: int = 0
+    v_bfloat16: bool = False
     ft_norm_bound: float = 5e-4
     ft_steps: int = 25
     ft_lr: float = 5e-4

@@ -271,6 +271,7 @@ def _optimise(
         steps = torch.zeros(n, dtype=torch.long)
         kl_init: torch.Tensor | None = None
         blocks = [adapter.block(i) for i in range(layer + 1, adapter.num_layers)]
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.v_bfloat16)
         for step in range(max(hp.v_steps, 1)):
             active = (~done).nonzero().squeeze(1)
             rows = rows_all[~done[batch.row_request]]
@@ -282,8 +283,10 @@ def _optimise(
                 h.dtype
             ).to(device)
             h = h + shift
-            for block, (args, kwargs) in zip(blocks, calls, strict=True):
-                h = first_tensor(block(h, *_take(args, rows, n_rows), **_take(kwargs, rows, n_rows)))
+            with autocast:
+                for block, (args, kwargs) in zip(blocks, calls, strict=True):
+                    h = first_tensor(block(h, *_take(args, rows, n_rows), **_take(kwargs, rows, n_rows)))
+                h = h.to(cached.dtype)
             keep = ~done[batch.row_request[batch.label_row]]
             label_rows = local[batch.label_row[keep]]
             log_probs = _logits(adapter, h[label_rows.to(device), batch.label_pos[keep].to(device)]).log_softmax(-1)
