@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -255,11 +255,8 @@ def _optimise(
     batch = _build_batch(tokenizer, requests, templates)
     n, n_rows = len(requests), batch.rows_ids.shape[0]
     with eval_mode(model):
-        with torch.no_grad(), _replay_capture(adapter, layer) as (hidden, calls):
-            try:
-                model(input_ids=batch.rows_ids.to(device), attention_mask=batch.mask.to(device), use_cache=False)
-            except StopForward:
-                pass
+        with torch.no_grad(), _replay_capture(adapter, layer) as (hidden, calls), suppress(StopForward):
+            model(input_ids=batch.rows_ids.to(device), attention_mask=batch.mask.to(device), use_cache=False)
         cached = hidden[0]
         rows_all = torch.arange(n_rows)
         base = cached[batch.bare_row, batch.subject_pos[batch.bare_row]].float()
