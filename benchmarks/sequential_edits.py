@@ -50,6 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", default=str(DATA / "counterfact" / "counterfact-train.json"))
     parser.add_argument("--ppl-text", default=str(DATA / "text" / "wikitext2_test.txt"))
     parser.add_argument("--ppl-tokens", type=int, default=5000)
+    parser.add_argument("--no-unedited", action="store_true", help="skip the unedited rows (another run has them)")
     parser.add_argument("--out", default="benchmarks/results/sequential_edits.json")
     return parser.parse_args(argv)
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
 
     print(" | ".join(COLUMNS))
     unedited_ppl = None
-    for edits in range(args.batch_size, args.n + 1, args.batch_size):
+    for edits in range(args.batch_size, args.n + 1, args.batch_size) if not args.no_unedited else ():
         metrics, eval_s = evaluate(model, tokenizer, requests[:edits], args, ppl=unedited_ppl is None)
         unedited_ppl = metrics["perplexity"] = metrics["perplexity"] or unedited_ppl  # the same for every count
         rows.append(row("unedited", edits, metrics, 0.0, eval_s))

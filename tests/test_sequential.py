@@ -135,6 +135,12 @@ def test_bad_input_is_refused(setup, tokenizer, tmp_path):
     history = edit_sequentially(model, tokenizer, REQUESTS[:2], method="memit", statistics=stats, hparams=hp)
     with pytest.raises(HistoryError, match="must lie in"):
         history.revert(model, 2)
+    fresh = peaky()  # the weights before the history: it does not describe this model
+    untouched = layer_weights(fresh)
+    with pytest.raises(KeditError, match="not those the given history"):
+        edit_sequentially(fresh, tokenizer, REQUESTS[2:4], method="memit", statistics=stats, hparams=hp,
+                          history=history)
+    assert same(fresh, untouched) and len(history) == 1
     history.save(tmp_path / "h")
     index = json.loads((tmp_path / "h" / "history.json").read_text())
     index["initial_hashes"] = {"1": "0" * 64, "2": "0" * 64}

@@ -172,6 +172,16 @@ class EditHistory:
         )
 
     # ------------------------------------------------------------------ replay and revert
+    def changed_layers(self, model: nn.Module) -> list[int]:
+        """The edited layers whose weights in ``model`` are not what the recorded batches left (``[]``: all are).
+
+        Example:
+            >>> EditHistory().changed_layers(model)  # doctest: +SKIP
+            []
+        """
+        adapter = ModelAdapter.for_model(model)
+        return [layer for layer, w in self._current.items() if not torch.equal(adapter.weight(layer).detach().cpu(), w)]
+
     def weights_after(self, batches: int) -> dict[int, Tensor]:
         """The stored-layout weights of every edited layer after the first ``batches`` batches, bit-exact.
 
@@ -203,9 +213,7 @@ class EditHistory:
         adapter = ModelAdapter.for_model(model)
         adapter.check_layers(self.layers)
         if not force:
-            changed = [
-                layer for layer, w in self._current.items() if not torch.equal(adapter.weight(layer).detach().cpu(), w)
-            ]
+            changed = self.changed_layers(model)
             if changed:
                 raise HistoryError(
                     f"layer(s) {changed}: the model's weights are not those the {len(self)} recorded batches left "

@@ -155,6 +155,12 @@ def edit_sequentially(
         raise KeditError("the request list is empty; give at least one edit request")
     batches = chain_batches(requests, batch_size, chain=chain)
     history = history if history is not None else EditHistory()
+    changed = history.changed_layers(model)
+    if changed:
+        raise KeditError(
+            f"the model's weights at layer(s) {changed} are not those the given history's {len(history)} batches "
+            "left; pass the model the history was recorded on (or revert the edits made since)"
+        )
     base_method = "memit" if method == "alphaedit" else method
     hp = hparams if hparams is not None else EditHyperParams.for_model(model, base_method)
     if layers is not None:
@@ -176,7 +182,11 @@ def edit_sequentially(
             keys = {}
             delta = compute_edit(model, tokenizer, batch, method=method, statistics=stats, hparams=hp)
         delta.apply(model)
-        history.push(delta, keys)
+        try:
+            history.push(delta, keys)
+        except BaseException:
+            delta.revert(model)
+            raise
         seconds = time.perf_counter() - start
         if save_dir is not None:
             history.save(save_dir)
