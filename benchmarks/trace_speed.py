@@ -9,8 +9,8 @@ processes hits both alike; the reference's probabilities on its cells are compar
 Peak memory is the resident set above the loaded model, sampled every 2 ms during each phase.
 
 Usage (the figures in docs/benchmarks/tracing.md):
-    .venv/bin/python benchmarks/trace_speed.py --repeats 3 --reference-cells 30 --threads 2 \\
-        --json benchmarks/results/trace_speed.json
+    .venv/bin/python benchmarks/trace_speed.py --repeats 1 --reference-cells 30 --threads 1 \\
+        --json benchmarks/results/trace_speed.json --figures docs/figures
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--reference-cells", type=int, default=30, help="cells timed for the reference (0: all)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--figures", default=None, metavar="DIR", help="also save the trace's heatmaps here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,7 +185,11 @@ def main() -> None:
     )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({**result, "trace": trace.to_dict()}, indent=2) + "\n")
+    if args.figures:
+        from lightning_kedit.tracing_plots import save_trace_figures
+
+        save_trace_figures(trace, args.figures)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ __all__ = ["plot_average", "plot_trace", "save_average_figure", "save_trace_figu
 
 #: Colour map and title per kind (ROME's colours: purple, green, red).
 _STYLE: dict[str, tuple[str, str, str]] = {
-    "hidden": ("Purples", "single restored layer", "tab:purple"),
-    "mlp": ("Greens", "MLP, window", "tab:green"),
-    "attn": ("Reds", "attention, window", "tab:red"),
+    "hidden": ("Purples", "the residual stream (one block output)", "tab:purple"),
+    "mlp": ("Greens", "MLP outputs", "tab:green"),
+    "attn": ("Reds", "attention outputs", "tab:red"),
 }
 
 
@@ -57,7 +57,7 @@ def plot_trace(result: TraceResult, kind: str, ax: Axes | None = None) -> Figure
     ]
     ax.set_yticks(range(len(labels)), labels)
     ax.set_xlabel("layer")
-    window = "" if kind == "hidden" else f" of {result.window}"
+    window = "" if kind == "hidden" else f", window of {result.window} layers"
     ax.set_title(
         f"Restoring {what}{window}\np({result.answer.strip()!r}): clean {result.clean_prob:.3f}, "
         f"corrupted {result.corrupted_prob:.3f}",

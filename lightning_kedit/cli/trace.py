@@ -97,7 +97,7 @@ def _trace_many(model: Any, tokenizer: Any, args: argparse.Namespace, settings: 
 
     if args.n < 1:
         raise KeditError(f"--n={args.n} must be a positive number of facts")
-    requests = load_requests(args.requests)
+    requests = load_requests(args.requests, skip_invalid=True)
     traced = average_trace(
         model, tokenizer, requests, args.n, known_only=not args.include_unknown, progress=True, **settings
     )
