@@ -5,7 +5,8 @@ layout (exact low-rank factors ``U Vᵀ`` when they are smaller than the dense m
 it was computed on and of the weight it produces, and the edit's metadata (method, hyper-parameters, request
 ids, model fingerprint). Applying checks the base hashes, computes every new weight in float64 before any is
 written, and restores all of them if anything fails; reverting restores the kept original weights bit for
-bit. Deltas compose, and save to a single safetensors file whose header holds the metadata as JSON.
+bit. Deltas compose, and save to a single safetensors file whose header holds the metadata as JSON
+(:mod:`.delta_file`).
 
 Example:
     >>> import torch
@@ -43,8 +44,6 @@ from lightning_kedit.models.fingerprint import fingerprint_mismatches, model_fin
 
 __all__ = ["DeltaError", "DeltaFileError", "DeltaMismatchError", "EditDelta", "LayerUpdate", "RevertReport"]
 
-FORMAT = "lightning_kedit.delta"
-FORMAT_VERSION = "1"
 _ARCHITECTURE_KEYS = ("model_type", "num_layers", "key_size", "value_size", "vocab_size")
 
 
@@ -499,16 +498,9 @@ class EditDelta:
 
     # ------------------------------------------------------------------ identity and files
     def _metadata(self) -> dict[str, str]:
-        return {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "method": self.method,
-            "hparams": json.dumps(self.hparams, sort_keys=True),
-            "request_ids": json.dumps(list(self.request_ids)),
-            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
-            "layers": json.dumps([u.record() for u in self._updates.values()]),
-            "composed_of": json.dumps(list(self.composed_of)),
-        }
+        from lightning_kedit.editing.delta_file import delta_metadata
+
+        return delta_metadata(self)
 
     def digest(self) -> str:
         """A sha256 content hash of the updates and metadata (not of kept base weights)."""
@@ -522,80 +514,23 @@ class EditDelta:
         return self._digest
 
     def save(self, path: str | os.PathLike[str], *, with_base: bool = False) -> Path:
-        """Write the delta to one safetensors file, atomically (a temporary file renamed into place).
+        """Write the delta to one safetensors file, atomically (see :func:`~.delta_file.save_delta`).
 
         Args:
             path: the file to write (parent folders are created).
             with_base: also store the base weights of the edited layers, for a bit-exact revert from the file.
         """
-        from safetensors.torch import save_file
+        from lightning_kedit.editing.delta_file import save_delta
 
-        tensors = {f"layers.{u.layer}.{n}": t.contiguous() for u in self._updates.values()
-                   for n, t in u.tensors().items()}
-        if with_base:
-            missing = [layer for layer in self._updates if layer not in self.base]
-            if missing:
-                raise DeltaError(
-                    f"with_base=True needs the base weights of layers {missing}: create the delta with "
-                    "keep_base=True, or apply it once before saving"
-                )
-            tensors.update({f"layers.{layer}.base": w.contiguous() for layer, w in self.base.items()})
-        metadata = {**self._metadata(), "digest": self.digest()}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return save_delta(self, path, with_base=with_base)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> EditDelta:
-        """Read a delta written by :meth:`save`.
+        """Read a delta written by :meth:`save` (see :func:`~.delta_file.load_delta`).
 
         Raises:
             DeltaFileError: the file is missing, not a delta, or its content does not match its digest.
         """
-        from safetensors import safe_open
+        from lightning_kedit.editing.delta_file import load_delta
 
-        path = Path(path)
-        if not path.is_file():
-            raise DeltaFileError(f"no delta file at {path}; give the file written by `kedit edit --out`")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = dict(f.metadata() or {})
-                tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
-        except Exception as err:  # safetensors raises its own error types for truncated or garbled files
-            raise DeltaFileError(f"{path} is not a readable safetensors delta file: {err}") from err
-        if metadata.get("format") != FORMAT:
-            raise DeltaFileError(f"{path} is not a lightning_kedit delta (format={metadata.get('format')!r})")
-        if metadata.get("version") != FORMAT_VERSION:
-            raise DeltaFileError(f"{path} has delta format version {metadata.get('version')!r}; "
-                                 f"this version reads {FORMAT_VERSION}")
-        try:
-            fields = {key: json.loads(metadata[key]) for key in
-                      ("hparams", "request_ids", "fingerprint", "layers", "composed_of")}
-            records = []
-            for entry in fields["layers"]:
-                layer = int(entry["layer"])
-                prefix = f"layers.{layer}."
-                stored: dict[str, Any] = (
-                    {"matrix": tensors[prefix + "delta"]} if prefix + "delta" in tensors
-                    else {"factors": LowRankUpdate(tensors[prefix + "u"], tensors[prefix + "v"])}
-                )
-                records.append(LayerUpdate(layer, entry["weight_name"], entry["base_hash"], entry["result_hash"],
-                                           bool(entry["transposed"]), **stored))
-            base = {int(k.split(".")[1]): t for k, t in tensors.items() if k.endswith(".base")}
-            delta = cls(records, method=metadata["method"], hparams=fields["hparams"],
-                        request_ids=fields["request_ids"], fingerprint=fields["fingerprint"], base=base,
-                        composed_of=fields["composed_of"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise DeltaFileError(f"{path} is a damaged delta file (missing or bad entry: {err})") from err
-        if delta.digest() != metadata.get("digest"):
-            raise DeltaFileError(f"{path} is corrupt: its content does not match the digest in its header")
-        bad = [la for la, w in delta.base.items() if weights_hash(w) != delta._updates[la].base_hash]
-        if bad:
-            raise DeltaFileError(f"{path} is corrupt: the stored base weights of layers {bad} do not match their hash")
-        return delta
+        return load_delta(path, cls)
