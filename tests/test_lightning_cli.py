@@ -79,7 +79,7 @@ def test_smollm2_serves_edited_facts_at_predict_start_and_reverts(smollm2, tmp_p
     from lightning.pytorch import Trainer
 
     from lightning_kedit.lightning import KnowledgeEditCallback, KnowledgeEditModule, TextDataModule
-    from lightning_kedit.requests import bundled_corpus_path, bundled_requests
+    from lightning_kedit.requests import bundled_requests
 
     model, tokenizer = smollm2
     requests = bundled_requests()[:2]
@@ -87,9 +87,9 @@ def test_smollm2_serves_edited_facts_at_predict_start_and_reverts(smollm2, tmp_p
     prompts.write_text("".join(r.prompt_text + "\n" for r in requests))
     module = KnowledgeEditModule(model, tokenizer=tokenizer, max_new_tokens=3)
     before = {k: v.clone() for k, v in model.state_dict().items() if "down_proj" in k}
-    callback = KnowledgeEditCallback(tuple(requests), statistics=[str(bundled_corpus_path())],
-                                     statistics_tokens=4000, edit_at="predict_start", revert_at="predict_end",
-                                     metrics=["efficacy", "neighborhood"])
+    # statistics=None: the cached statistics of the bundled corpus (collected once per machine).
+    callback = KnowledgeEditCallback(tuple(requests), statistics=None, edit_at="predict_start",
+                                     revert_at="predict_end", metrics=["efficacy", "neighborhood"])
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                       callbacks=[callback])
     rows = [row for batch in trainer.predict(module, TextDataModule(predict_file=prompts)) for row in batch]
