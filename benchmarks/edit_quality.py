@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stats-tokens", type=int, default=100_000)
     parser.add_argument("--ppl-tokens", type=int, default=20_000)
     parser.add_argument("--v-steps", type=int, default=None)
+    parser.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast for target values")
     parser.add_argument("--rome", type=int, default=0, help="ROME single edits on the first N cases")
     parser.add_argument("--ft", action="store_true", help="also the FT baseline on the batch")
     parser.add_argument("--threads", type=int, default=None,
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model, tokenizer = load_model("smollm2")
     requests = load_requests(DATA / "counterfact" / "counterfact-val.json", args.n)
-    hp = EditHyperParams.for_model(model, "memit").replace(v_steps=args.v_steps)
+    hp = EditHyperParams.for_model(model, "memit").replace(v_steps=args.v_steps, v_bfloat16=args.bf16)
     corpus = DATA / "text" / "enwiki_sample_gensim.txt"
     stats = load_or_collect_statistics(model, tokenizer, list(hp.layers), source=corpus, max_tokens=args.stats_tokens)
     rows = []
