@@ -2,7 +2,7 @@
 
 For every method and every number of edits ``N`` (a *cell*) the harness edits the first ``N`` requests and
 measures efficacy (the success rate), paraphrase, neighbourhood, score and, with a text, perplexity, on all
-``N`` facts, with the wall time and the peak memory of the cell.
+``N`` facts, with the wall and CPU seconds and the peak memory of the cell.
 
 - Batch methods (``memit``, ``ft``) run each ``N`` from the unedited weights: the delta is computed, applied,
   evaluated and reverted bit for bit before the next cell.
@@ -57,7 +57,7 @@ __all__ = [
     "BenchError",
     "BenchMethod",
     "BenchResults",
-    "PeakMemory",
+    "ResourceMeter",
     "available_methods",
     "parse_counts",
     "parse_methods",
@@ -132,13 +132,16 @@ def parse_counts(counts: str | Sequence[int], available: int | None = None) -> l
     return sorted(set(values))
 
 
-class PeakMemory:
-    """The peak resident memory (and CUDA memory) of the process while the ``with`` block runs.
+class ResourceMeter:
+    """The peak resident memory (and CUDA memory) and the CPU time of the process while the ``with`` block runs.
+
+    CPU seconds (all threads, :func:`time.process_time`) do not depend on how busy a shared machine is, unlike
+    wall seconds: they are what projections of larger runs are made from.
 
     Example:
-        >>> with PeakMemory() as memory:
+        >>> with ResourceMeter() as meter:
         ...     _ = bytearray(10_000_000)
-        >>> memory.peak_mb > 0
+        >>> meter.peak_mb > 0 and meter.cpu_seconds >= 0
         True
     """
 
@@ -146,11 +149,13 @@ class PeakMemory:
         self.interval = interval
         self.peak_mb = 0.0
         self.cuda_mb: float | None = None
+        self.cpu_seconds = 0.0
         self.source = "psutil"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> PeakMemory:
+    def __enter__(self) -> ResourceMeter:
+        self._cpu_start = time.process_time()
         try:
             import psutil
 
@@ -170,6 +175,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.cpu_seconds = time.process_time() - self._cpu_start
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -251,15 +257,16 @@ class _Context:
         return metrics, time.perf_counter() - start
 
     def row(self, method: str, n: int, metrics: Mapping[str, Any], edit_s: float, eval_s: float,
-            memory: PeakMemory, **extra: Any) -> dict[str, Any]:
+            meter: ResourceMeter, **extra: Any) -> dict[str, Any]:
         rates = {k: metrics[k] for k in ("efficacy", "paraphrase", "neighborhood", "score")}
         row = {"method": method, "n": n, **rates, "perplexity": metrics["perplexity"],
                "seconds": round(edit_s + eval_s, 3)}
         row.update({f"{k}_prob": metrics[f"{k}_prob"] for k in ("efficacy", "paraphrase", "neighborhood")})
         row.update(edit_seconds=round(edit_s, 3), eval_seconds=round(eval_s, 3),
-                   peak_rss_mb=round(memory.peak_mb, 1), requests_digest=self.digests[n], **extra)
-        if memory.cuda_mb is not None:
-            row["peak_cuda_mb"] = round(memory.cuda_mb, 1)
+                   cpu_seconds=round(meter.cpu_seconds, 3), peak_rss_mb=round(meter.peak_mb, 1),
+                   requests_digest=self.digests[n], **extra)
+        if meter.cuda_mb is not None:
+            row["peak_cuda_mb"] = round(meter.cuda_mb, 1)
         return row
 
     def settings_digest(self, method: BenchMethod) -> str:
@@ -273,13 +280,13 @@ def _run_batch(model: nn.Module, method: BenchMethod, counts: list[int], context
     for n in counts:
         progress.start(method.name, n)
         hits, phases = context.target_cache.hits, dict[str, float]()
-        with PeakMemory() as memory:
+        with ResourceMeter() as meter:
             start = time.perf_counter()
             delta = context.compute_edit(model, context.requests[:n], method, phases)
             edit_s = time.perf_counter() - start
             with delta.applied(model):
                 metrics, eval_s = context.evaluate(model, n)
-        row = context.row(method.name, n, metrics, edit_s, eval_s, memory, sequential=False, phases=phases,
+        row = context.row(method.name, n, metrics, edit_s, eval_s, meter, sequential=False, phases=phases,
                           cached_targets=context.target_cache.hits - hits)
         results.add(row)
         progress.finish(row, n)
@@ -369,7 +376,7 @@ def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], co
             if n in pending:
                 progress.start(method.name, n)
             edits, hits, phases = n - done, context.target_cache.hits, dict[str, float]()
-            with PeakMemory() as memory:
+            with ResourceMeter() as meter:
                 while done < n:
                     chunk = context.requests[done : min(done + batch, n)]
                     start = time.perf_counter()
@@ -381,7 +388,7 @@ def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], co
                 if n in pending:
                     metrics, eval_s = context.evaluate(model, n)
             if n in pending:
-                row = context.row(method.name, n, metrics, edit_total, eval_s, memory, sequential=True,
+                row = context.row(method.name, n, metrics, edit_total, eval_s, meter, sequential=True,
                                   batch_size=batch, phases=phases, cached_targets=context.target_cache.hits - hits)
                 results.add(row)
                 progress.finish(row, edits)
@@ -490,9 +497,9 @@ def run_bench(
     try:
         for n in todo.get(UNEDITED, []):
             reporter.start(UNEDITED, n)
-            with PeakMemory() as memory:
+            with ResourceMeter() as meter:
                 metrics, eval_s = context.evaluate(model, n)
-            row = context.row(UNEDITED, n, metrics, 0.0, eval_s, memory)
+            row = context.row(UNEDITED, n, metrics, 0.0, eval_s, meter)
             results.add(row)
             reporter.finish(row, 0)
         for m in parsed:

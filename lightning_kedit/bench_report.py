@@ -231,7 +231,10 @@ class ProgressPrinter:
         known = list(self.edit_rate.values())
         fallback = sum(known) / len(known) if known else 0.0
         seconds = sum(self.edit_rate.get(m, fallback) * edits + self.eval_rate * n for m, n, edits in pending)
-        return f"about {time.strftime('%H:%M:%S', time.gmtime(seconds))} left (estimated)"
+        clock = time.strftime("%H:%M:%S", time.gmtime(seconds))
+        if not known and any(edits for _, _, edits in pending):
+            return f"at least {clock} left (evaluation only: no edit measured yet)"
+        return f"about {clock} left (estimated)"
 
 
 def _setting_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -285,16 +288,17 @@ def success_table(results: BenchResults) -> str:
 
 def metrics_table(results: BenchResults) -> str:
     """Markdown: every metric of every cell, with seconds per edit and peak memory."""
-    header = ("| method | N | efficacy | paraphrase | neighbourhood | score | perplexity | seconds | s / edit "
-              "| peak RSS (MB) |")
-    lines = [header, "|---" * 10 + "|"]
+    header = ("| method | N | efficacy | paraphrase | neighbourhood | score | perplexity | seconds | CPU seconds "
+              "| s / edit | peak RSS (MB) |")
+    lines = [header, "|---" * 11 + "|"]
     for row in sorted(results.rows, key=lambda r: (results.methods().index(r["method"]), int(r["n"]))):
         per_edit = row.get("edit_seconds", 0.0) / row["n"] if row.get("edit_seconds") else None
         ppl = row.get("perplexity")
         lines.append(
             f"| {row['method']} | {row['n']:,} | {_pct(row['efficacy'])} | {_pct(row['paraphrase'])} | "
             f"{_pct(row['neighborhood'])} | {_pct(row['score'])} | {'–' if ppl is None else f'{ppl:.2f}'} | "
-            f"{row['seconds']:.1f} | {'–' if per_edit is None else f'{per_edit:.2f}'} | "
+            f"{row['seconds']:.1f} | {row.get('cpu_seconds', float('nan')):.1f} | "
+            f"{'–' if per_edit is None else f'{per_edit:.2f}'} | "
             f"{row.get('peak_rss_mb', float('nan')):.0f} |"
         )
     return "\n".join(lines)

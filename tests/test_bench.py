@@ -11,7 +11,7 @@ import torch
 from conftest import shared_data
 from tiny_models import tiny_model
 
-from lightning_kedit.bench import PeakMemory, parse_counts, parse_methods, run_bench
+from lightning_kedit.bench import ResourceMeter, parse_counts, parse_methods, run_bench
 from lightning_kedit.bench_report import PLOT_FILE, ROW_KEYS, SEED_SUCCESS, TABLE_FILE, BenchError, success_table
 from lightning_kedit.editing import editor
 from lightning_kedit.editing.delta import EditDelta
@@ -105,6 +105,7 @@ def test_results_schema_files_and_restored_weights(model_and_tokenizer, stub, tm
         for key in ("efficacy", "paraphrase", "neighborhood", "score"):
             assert 0.0 <= row[key] <= 1.0
         assert row["perplexity"] is None and row["seconds"] >= 0 and row["peak_rss_mb"] > 0
+        assert row["cpu_seconds"] > 0
     # Batch cells start from the unedited weights; the sequential run edits 1, then 2 more facts.
     assert stub.calls == [("memit", 1), ("memit", 3), ("rome", 1), ("rome", 1), ("rome", 1)]
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))
@@ -208,9 +209,10 @@ def test_success_table_and_peak_memory():
     results.rows.append({"method": "ft", "n": 10, "efficacy": 0.5})
     lines = success_table(results).splitlines()
     assert lines[0].startswith("| method | N = 1 | N = 10 |") and "| ft | – (85) | 50 (82) |" in lines[2]
-    with PeakMemory() as memory:
+    with ResourceMeter() as meter:
         block = bytearray(50 * 2**20)
-    assert memory.peak_mb > 50 and len(block) > 0
+        sum(range(200_000))
+    assert meter.peak_mb > 50 and len(block) > 0 and meter.cpu_seconds > 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -299,21 +301,27 @@ def test_target_cache_disabled_writes_nothing(model_and_tokenizer, tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.integration
 def test_smollm2_bench_raises_efficacy(smollm2, tmp_path):
+    from lightning_kedit.editing import EditHyperParams
     from lightning_kedit.requests import load_requests
+    from lightning_kedit.statistics import collect_key_statistics
 
     model, tokenizer = smollm2
     path = shared_data("counterfact", "counterfact-val.json")
     requests = load_requests(path, n=10)
+    layers = EditHyperParams.for_model(model, "memit").layers
+    # A small statistics budget keeps the test fast; the benchmark uses the cached default.
+    statistics = collect_key_statistics(model, tokenizer, layers, max_tokens=4000)
     results = run_bench(
         model, tokenizer, requests, methods="memit", counts="1,10", out_dir=tmp_path / "bench", model_name="smollm2",
-        requests_name=str(path), hparams={"v_steps": 8, "v_lr": 0.5}, target_cache=TargetCache(tmp_path / "t"),
-        progress=False,
+        requests_name=str(path), statistics=statistics, hparams={"v_steps": 10},
+        target_cache=TargetCache(tmp_path / "targets"), progress=False,
     )
     data = json.loads(Path(results.path).read_text())
     assert {(r["method"], r["n"]) for r in data["rows"]} == {(m, n) for m in ("unedited", "memit") for n in (1, 10)}
     assert all(set(ROW_KEYS) <= set(r) for r in data["rows"])
     before, after = results.row("unedited", 10), results.row("memit", 10)
     assert after["efficacy"] > before["efficacy"] and after["efficacy"] >= 0.6
+    assert results.row("memit", 10)["cached_targets"] == 1  # the N = 1 cell's target is reused
 
 
 def test_real_editor_on_a_tiny_model(model_and_tokenizer, tmp_path):
@@ -331,3 +339,28 @@ def test_real_editor_on_a_tiny_model(model_and_tokenizer, tmp_path):
     assert results.row("memit", 2)["phases"]["targets"] >= 0
     # MEMIT's N = 2 cell reads the first request's target from the N = 1 cell.
     assert results.row("memit", 2)["cached_targets"] >= 1 and cache.hits >= 1
+
+
+def test_cli_runs_a_tiny_model_folder(model_and_tokenizer, tmp_path, monkeypatch, capsys):
+    from lightning_kedit.cli import main
+    from lightning_kedit.models.fingerprint import model_fingerprint
+    from lightning_kedit.requests import save_requests
+    from lightning_kedit.statistics import collect_key_statistics
+
+    model, tokenizer = model_and_tokenizer
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path / "cache"))
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    layers = EditHyperParams.for_model(model, "memit").layers
+    stats = collect_key_statistics(model, tokenizer, layers, max_tokens=2000)
+    stats.save(tmp_path / "stats.safetensors", model_fingerprint(model, tokenizer, layers))
+    requests = save_requests(bundled_requests(), tmp_path / "facts.json")
+    args = ["bench", "--model", str(tmp_path / "model"), "--requests", str(requests), "--methods", "memit",
+            "--n", "1,2", "--out", str(tmp_path / "out"), "--stats", str(tmp_path / "stats.safetensors"),
+            "--set", "v_steps=2", "--json", str(tmp_path / "bench.json"), "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0].startswith("| method | N = 1 | N = 2 |") and "| memit |" in printed
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert len(data["rows"]) == 4 and data["out"] == str(tmp_path / "out")
+    assert (tmp_path / "cache" / "targets").is_dir()
