@@ -1,7 +1,7 @@
 """Edit quality on SmolLM2 + CounterFact: MEMIT λ sweep (one batch), ROME single edits, FT baseline.
 
-Target values do not depend on λ or on the statistics, so the MEMIT sweep optimises them once and re-solves
-per setting. Each setting is applied, evaluated (efficacy, paraphrase, neighbourhood, perplexity on the first
+Target values do not depend on λ or on the statistics, so the MEMIT sweep optimises them once (a
+``TargetCache`` beside the output) and re-solves per setting. Each setting is applied, evaluated (efficacy, paraphrase, neighbourhood, perplexity on the first
 ``--ppl-tokens`` tokens of WikiText-2 test in 512-token windows) and reverted.
 
 Usage:
@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lightning_kedit.editing import EditHyperParams, compute_edit, context_templates, memit_updates
     from lightning_kedit.editing.delta import EditDelta
+    from lightning_kedit.editing.target_cache import TargetCache
     from lightning_kedit.editing.targets import compute_target_values
     from lightning_kedit.models.loading import load_model
     from lightning_kedit.requests import load_requests
@@ -73,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
 
     tick = time.perf_counter()
     templates = context_templates(model, tokenizer, hp.prefix_lengths, seed=hp.seed)
-    values = compute_target_values(model, tokenizer, requests, hp.layers[-1], templates, hp, progress=True)
+    cache = TargetCache(Path(args.out).parent / "targets")  # δ does not depend on λ: optimised once
+    values = compute_target_values(model, tokenizer, requests, hp.layers[-1], templates, hp, progress=True,
+                                   target_cache=cache)
     target_seconds = time.perf_counter() - tick
     print(f"targets: {target_seconds:.0f} s, mean prob {float(values.prob.mean()):.3f}", flush=True)
     settings = [(f"memit λ={x}", hp.replace(mom2_weight=float(x), lambda_relative=False))
@@ -82,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                  for x in args.relative.split(",") if x]
     for name, setting in settings:
         tick = time.perf_counter()
-        factors, _ = memit_updates(model, tokenizer, requests, stats, setting, templates=templates, values=values)
+        factors, _ = memit_updates(model, tokenizer, requests, stats, setting, templates=templates,
+                                   target_cache=cache)
         delta = EditDelta.from_model(model, factors, method="memit", hparams=setting.to_dict())
         with delta.applied(model):
             metrics = _evaluate(model, tokenizer, requests, args.ppl_tokens)
