@@ -1,8 +1,9 @@
 """Edit quality on SmolLM2 + CounterFact: MEMIT λ sweep (one batch), ROME single edits, FT baseline.
 
 Target values do not depend on λ or on the statistics, so the MEMIT sweep optimises them once (a
-``TargetCache`` beside the output) and re-solves per setting. Each setting is applied, evaluated (efficacy, paraphrase, neighbourhood, perplexity on the first
-``--ppl-tokens`` tokens of WikiText-2 test in 512-token windows) and reverted.
+``TargetCache`` beside the output) and re-solves per setting. Each setting is applied, evaluated (efficacy,
+paraphrase, neighbourhood, perplexity on the first ``--ppl-tokens`` tokens of WikiText-2 test in 512-token
+windows) and reverted.
 
 Usage:
     python benchmarks/edit_quality.py --n 100 --lambdas 15000,4000,1000 --relative 5,20 --rome 50 --ft \\
