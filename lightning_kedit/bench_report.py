@@ -337,25 +337,29 @@ def plot_success(results: BenchResults, path: str | os.PathLike[str]) -> Path:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
     try:
         colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for index, method in enumerate(results.methods()):
-            rows = sorted((r for r in results.rows if r["method"] == method), key=lambda r: int(r["n"]))
-            xs, ys = [int(r["n"]) for r in rows], [100 * float(r["efficacy"]) for r in rows]
-            if method == "unedited":
-                ax.plot(xs, ys, ":", color="grey", marker=".", label="unedited model")
-                continue
+        # Every seed line is drawn (the reference), ours where measured, in one colour per method.
+        methods = [m for m in dict.fromkeys([*SEED_SUCCESS, *results.methods()]) if m != "unedited"]
+        for index, method in enumerate(methods):
             colour = colours[index % len(colours)]
-            ax.plot(xs, ys, "-", color=colour, marker="o", label=f"{method} (ours)")
+            rows = sorted((r for r in results.rows if r["method"] == method), key=lambda r: int(r["n"]))
+            if rows:
+                xs, ys = [int(r["n"]) for r in rows], [100 * float(r["efficacy"]) for r in rows]
+                ax.plot(xs, ys, "-", color=colour, marker="o", label=f"{method} (ours)")
             seed = SEED_SUCCESS.get(method)
             if seed:
                 ax.plot(list(seed), [100 * v for v in seed.values()], "--", color=colour, alpha=0.7,
                         label=f"{method} (seed, GPT-J)")
+        baseline = sorted((r for r in results.rows if r["method"] == "unedited"), key=lambda r: int(r["n"]))
+        if baseline:
+            ax.plot([int(r["n"]) for r in baseline], [100 * float(r["efficacy"]) for r in baseline], ":",
+                    color="grey", marker=".", label="unedited model")
         ax.set_xscale("log")
         ax.set_ylim(0, 102)
         ax.set_xlabel("number of edits N")
         ax.set_ylabel("efficacy (success rate, %)")
         ax.set_title(f"Success by number of edits: {results.model}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower left")
+        ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)

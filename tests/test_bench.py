@@ -309,18 +309,19 @@ def test_smollm2_bench_raises_efficacy(smollm2, tmp_path):
     path = shared_data("counterfact", "counterfact-val.json")
     requests = load_requests(path, n=10)
     layers = EditHyperParams.for_model(model, "memit").layers
-    # A small statistics budget keeps the test fast; the benchmark uses the cached default.
+    # Fast settings (the benchmark uses the defaults): a small statistics budget, the bare prompt as the only
+    # context template and few optimisation steps of the target values.
     statistics = collect_key_statistics(model, tokenizer, layers, max_tokens=4000)
     results = run_bench(
         model, tokenizer, requests, methods="memit", counts="1,10", out_dir=tmp_path / "bench", model_name="smollm2",
-        requests_name=str(path), statistics=statistics, hparams={"v_steps": 10},
+        requests_name=str(path), statistics=statistics, hparams={"v_steps": 6, "prefix_lengths": []},
         target_cache=TargetCache(tmp_path / "targets"), progress=False,
     )
     data = json.loads(Path(results.path).read_text())
     assert {(r["method"], r["n"]) for r in data["rows"]} == {(m, n) for m in ("unedited", "memit") for n in (1, 10)}
     assert all(set(ROW_KEYS) <= set(r) for r in data["rows"])
     before, after = results.row("unedited", 10), results.row("memit", 10)
-    assert after["efficacy"] > before["efficacy"] and after["efficacy"] >= 0.6
+    assert after["efficacy"] > before["efficacy"] + 0.2
     assert results.row("memit", 10)["cached_targets"] == 1  # the N = 1 cell's target is reused
 
 
