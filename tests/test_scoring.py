@@ -114,6 +114,8 @@ def test_token_accuracy_is_one_for_the_greedy_answer(llama, tokenizer):
         scores = score_answers(llama, tokenizer, [prompt], [answer])
         assert scores.token_accuracy.tolist() == [1.0]
         checked += 1
+        if checked == 2:
+            break
     assert checked > 0
 
 
