@@ -13,8 +13,8 @@ Example:
     >>> results = BenchResults("/tmp/kedit-bench-doc", model="smollm2", requests="cf.json", fingerprint="f")
     >>> results.rows.append({"method": "memit", "n": 10, "efficacy": 0.9, "paraphrase": 0.5,
     ...                      "neighborhood": 0.8, "score": 0.66, "perplexity": None, "seconds": 3.0})
-    >>> print(success_table(results).splitlines()[2])
-    | memit | 90 (89) |
+    >>> "| memit | – (90) | 90 (89) |" in success_table(results)  # ours (the seed's)
+    True
 """
 
 from __future__ import annotations
