@@ -58,6 +58,10 @@ def main() -> None:
     default = list(EditHyperParams.for_model(model, "memit").layers)
     rows: dict[str, dict[str, Any]] = {"unedited": {**evaluate_requests(model, tokenizer, cases), "layers": None}}
     for name, layers in (("default", default), ("auto", auto)):
+        if name == "auto" and auto == default:  # the same edit: nothing to recompute
+            rows["auto"] = dict(rows["default"])
+            print("auto: the traced layers are the default ones", flush=True)
+            continue
         start = time.perf_counter()
         delta = compute_edit(model, tokenizer, cases, method="memit", layers=layers, progress=True)
         edit_seconds = time.perf_counter() - start
