@@ -22,6 +22,8 @@ from lightning_kedit.editing import (
     compute_edit,
     edit,
 )
+from lightning_kedit.editing.history import EditHistory
+from lightning_kedit.editing.sequential import edit_sequentially
 from lightning_kedit.errors import KeditError, ModelLoadError, RequestFormatError, StatisticsMismatchError
 from lightning_kedit.metrics import (
     EditConsistency,
@@ -78,6 +80,7 @@ __all__ = [
     "EditDelta",
     "EditEfficacy",
     "EditGeneralization",
+    "EditHistory",
     "EditHyperParams",
     "EditRequest",
     "EditScore",
@@ -108,6 +111,7 @@ __all__ = [
     "compute_edit",
     "default_edit_layers",
     "edit",
+    "edit_sequentially",
     "evaluate_requests",
     "load_model",
     "load_or_collect_statistics",

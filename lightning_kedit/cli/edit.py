@@ -39,7 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", required=True, metavar="FILE", help="edit requests (any supported layout)")
     parser.add_argument("--n", type=int, default=None, metavar="N", help="use the first N requests")
     parser.add_argument("--method", choices=("memit", "rome", "ft"), default="memit", help="default: memit")
-    parser.add_argument("--layers", default=None, help="edit layers, e.g. '4,5,6' or '4-8' (default: per model)")
+    parser.add_argument(
+        "--layers", default=None, help="edit layers: '4,5,6', '4-8' or 'auto' (by causal tracing); default: per model"
+    )
     parser.add_argument("--stats", default=None, metavar="FILE",
                         help="key statistics file (kedit stats --out); default: cached, from the bundled corpus")
     parser.add_argument("--out", required=True, metavar="DELTA", help="where to write the delta (.safetensors)")
@@ -55,14 +57,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action="store_true", help="print progress to stderr")
 
 
-def hparams_from_args(model: Any, args: argparse.Namespace) -> Any:
-    """The method's per-model defaults with the options given on the command line applied."""
+def hparams_from_args(model: Any, args: argparse.Namespace, tokenizer: Any = None, requests: Any = None) -> Any:
+    """The method's per-model defaults with the options given on the command line applied.
+
+    ``--layers auto`` measures the layers by causal tracing on ``requests`` (needs ``tokenizer``).
+    """
     from lightning_kedit.cli.stats import parse_layers
     from lightning_kedit.editing.hparams import EditHyperParams
     from lightning_kedit.models.adapters import ModelAdapter
 
     layers = None
-    if args.layers is not None:
+    if args.layers == "auto":
+        from lightning_kedit.editing.editor import auto_edit_layers
+
+        layers = auto_edit_layers(model, tokenizer, requests, args.method)
+    elif args.layers is not None:
         layers = parse_layers(args.layers, ModelAdapter.for_model(model).num_layers)
     hp = EditHyperParams.for_model(model, args.method, layers)
     changes = {field: getattr(args, f"hp_{option}") for option, (field, _, _) in _HPARAM_OPTIONS.items()}
@@ -99,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not requests:
         raise KeditError(f"--requests {args.requests!r} holds no edit request")
     model, tokenizer = load_model(args.model)
-    hp = hparams_from_args(model, args)
+    hp = hparams_from_args(model, args, tokenizer, requests)
     seconds: dict[str, float] = {"load": time.perf_counter() - start}
     before = after = None
     if not args.no_eval:

@@ -29,7 +29,7 @@ from .rome import rome_updates
 if TYPE_CHECKING:
     from .target_cache import TargetCache
 
-__all__ = ["compute_edit", "edit", "resolve_statistics"]
+__all__ = ["auto_edit_layers", "compute_edit", "edit", "resolve_statistics"]
 
 
 def resolve_statistics(
@@ -74,13 +74,31 @@ def _hparams(
     return base
 
 
+def auto_edit_layers(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest] | None, method: str,
+    spec: str = "auto",
+) -> list[int]:
+    """Edit layers chosen by causal tracing: as many as the method's default uses, where the MLPs carry the facts.
+
+    Example:
+        >>> auto_edit_layers(model, tokenizer, requests, "memit")  # doctest: +SKIP
+        [4, 5, 6, 7, 8]
+    """
+    if spec != "auto":
+        raise KeditError(f"`layers`={spec!r} is neither a list of layer indices nor 'auto'")
+    from lightning_kedit.tracing import choose_edit_layers
+
+    size = len(EditHyperParams.for_model(model, "memit" if method == "alphaedit" else method).layers)
+    return choose_edit_layers(model, tokenizer, requests, window=size)
+
+
 def compute_edit(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     requests: Sequence[EditRequest],
     *,
     method: str = "memit",
-    layers: Sequence[int] | None = None,
+    layers: Sequence[int] | str | None = None,
     statistics: Any = None,
     hparams: EditHyperParams | None = None,
     progress: bool = False,
@@ -95,7 +113,8 @@ def compute_edit(
         requests: the facts to write (all in one edit).
         method: ``"memit"``, ``"rome"``, ``"ft"`` or ``"alphaedit"`` (without a history here; see
             :func:`~lightning_kedit.editing.sequential.edit_sequentially`).
-        layers: edit layers; the method's per-architecture default when None.
+        layers: edit layers; the method's per-architecture default when None; ``"auto"`` measures them by
+            causal tracing (:func:`auto_edit_layers`).
         statistics: key statistics (``KeyStatistics``), a statistics file, or None for the cached statistics
             of the bundled corpus (not used by ``"ft"``).
         hparams: hyper-parameters; :meth:`EditHyperParams.for_model` when None (``layers`` overrides theirs).
@@ -117,6 +136,8 @@ def compute_edit(
     for request in requests:
         if not isinstance(request, EditRequest):
             raise KeditError(f"requests must be EditRequest objects, got {type(request).__name__}")
+    if isinstance(layers, str):
+        layers = auto_edit_layers(model, tokenizer, requests, method, spec=layers)
     if method == "alphaedit":  # MEMIT's pipeline with a null-space projected solve (editing/alphaedit.py)
         from .alphaedit import compute_alphaedit
 
