@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_kedit.atomic_files import atomic_save_safetensors
 from lightning_kedit.bench_report import BenchError, BenchResults, ProgressPrinter, write_report
 from lightning_kedit.editing.hparams import METHODS, EditHyperParams
 from lightning_kedit.editing.target_cache import TargetCache, request_digest
@@ -337,7 +338,6 @@ def _load_state(path: Path, model: nn.Module, method: BenchMethod, context: _Con
 def _save_state(path: Path, model: nn.Module, method: BenchMethod, context: _Context,
                 base: Mapping[int, torch.Tensor], edits: int, edit_seconds: float) -> None:
     """Save the edited weights atomically, unless a state with more edits is already there."""
-    from safetensors.torch import save_file
 
     existing = _read_state(path) if path.is_file() else None
     if existing is not None and int(existing[0].get("edits", 0)) > edits:
@@ -349,13 +349,7 @@ def _save_state(path: Path, model: nn.Module, method: BenchMethod, context: _Con
         "requests": context.digests[edits], "settings": context.settings_digest(method),
         "base": json.dumps({str(layer): weights_hash(weight) for layer, weight in base.items()}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save_safetensors(tensors, path, metadata)
 
 
 def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], context: _Context,

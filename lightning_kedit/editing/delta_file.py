@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lightning_kedit.atomic_files import atomic_save_safetensors
 from lightning_kedit.editing.solvers import LowRankUpdate
 from lightning_kedit.models.fingerprint import weights_hash
 
@@ -56,7 +57,6 @@ def save_delta(delta: EditDelta, path: str | os.PathLike[str], *, with_base: boo
     Raises:
         DeltaError: ``with_base`` while the base weights of some layer are unknown.
     """
-    from safetensors.torch import save_file
 
     from lightning_kedit.editing.delta import DeltaError
 
@@ -72,14 +72,7 @@ def save_delta(delta: EditDelta, path: str | os.PathLike[str], *, with_base: boo
         tensors.update({f"layers.{layer}.base": w.contiguous() for layer, w in delta.base.items()})
     metadata = {**delta_metadata(delta), "digest": delta.digest()}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_save_safetensors(tensors, path, metadata)
 
 
 def load_delta(path: str | os.PathLike[str], cls: type[EditDelta] | None = None) -> EditDelta:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_kedit.atomic_files import atomic_save_safetensors
 from lightning_kedit.editing.hparams import EditHyperParams
 from lightning_kedit.editing.targets import TargetValues
 from lightning_kedit.models.fingerprint import fingerprint_digest, model_fingerprint
@@ -160,25 +161,18 @@ class TargetCache:
 
     def put(self, folder: Path, request: EditRequest, delta: torch.Tensor, prob: float, steps: int) -> Path:
         """Store one request's target value atomically (a temporary file renamed into place)."""
-        from safetensors.torch import save_file
 
         if delta.dim() != 1:
             raise ValueError(f"`delta` must be one request's vector (value_size,), got shape {tuple(delta.shape)}")
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{request_digest(request)}.safetensors"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tensors = {
             "delta": delta.detach().to("cpu", torch.float64).contiguous(),
             "prob": torch.tensor([float(prob)], dtype=torch.float64),
             "steps": torch.tensor([int(steps)], dtype=torch.int64),
         }
         metadata = {"case_id": request.case_id, "prompt": request.prompt_text, "target_new": request.target_new}
-        try:
-            save_file(tensors, str(tmp), metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return path
+        return atomic_save_safetensors(tensors, path, metadata)
 
     # ------------------------------------------------------------------ many requests
     def lookup_or_compute(
