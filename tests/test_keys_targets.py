@@ -8,9 +8,11 @@ import pytest
 import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
+from lightning_kedit.editing import replay as replay_module
 from lightning_kedit.editing.hparams import EditHyperParams, HyperParamError
 from lightning_kedit.editing.keys import locate_token, subject_char_end, subject_states
 from lightning_kedit.editing.prefixes import context_templates, generate_prefixes
+from lightning_kedit.editing.replay import PREFIX_CACHE_TYPES
 from lightning_kedit.editing.targets import compute_target_values
 from lightning_kedit.errors import KeditError
 from lightning_kedit.models.adapters import ModelAdapter
@@ -210,3 +212,17 @@ def test_targets_bfloat16_autocast_close_to_float32(tokenizer):
     exact = compute_target_values(model, tokenizer, REQUESTS, 2, TEMPLATES, hp)
     fast = compute_target_values(model, tokenizer, REQUESTS, 2, TEMPLATES, hp.replace(v_bfloat16=True))
     torch.testing.assert_close(fast.prob, exact.prob, rtol=0.1, atol=0.0)
+
+
+@pytest.mark.parametrize("model_type", sorted(PREFIX_CACHE_TYPES))
+def test_prefix_cache_matches_full_replay(model_type, tokenizer, monkeypatch):
+    """Replaying only the subject and later positions over a cached prefix gives the same δ as replaying all."""
+    model = peaky(model_type)
+    requests = [*REQUESTS, EditRequest("d", "{} is a", "Apple", "Toyota")]  # subject first: an empty prefix
+    hp = EditHyperParams(layers=(1,), v_steps=5, v_lr=0.5, clamp_norm=50.0, stop_prob=0.999)
+    cached = compute_target_values(model, tokenizer, requests, 1, TEMPLATES, hp)
+    monkeypatch.setattr(replay_module, "PREFIX_CACHE_TYPES", frozenset())
+    full = compute_target_values(model, tokenizer, requests, 1, TEMPLATES, hp)
+    assert torch.isfinite(cached.delta).all()
+    torch.testing.assert_close(cached.prob, full.prob, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cached.delta, full.delta, rtol=1e-3, atol=1e-5)

@@ -21,22 +21,22 @@ Example:
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_kedit.errors import KeditError
-from lightning_kedit.hooks import StopForward, first_tensor
+from lightning_kedit.hooks import first_tensor
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.requests import EditRequest
 
 from .hparams import EditHyperParams
 from .keys import SubjectNotFoundError, _pad, _pad_id, eval_mode, subject_char_end
+from .replay import prepare_replays
 
 if TYPE_CHECKING:
     from .target_cache import TargetCache
@@ -146,50 +146,6 @@ def _build_batch(
     )
 
 
-def _take(value: Any, rows: torch.Tensor, n: int) -> Any:
-    """``value`` with every batch-first tensor (leading size ``n``) restricted to ``rows``."""
-    if isinstance(value, torch.Tensor):
-        return value[rows.to(value.device)] if value.ndim >= 2 and value.shape[0] == n and n > 1 else value
-    if isinstance(value, tuple):
-        return tuple(_take(v, rows, n) for v in value)
-    if isinstance(value, list):
-        return [_take(v, rows, n) for v in value]
-    if isinstance(value, dict):
-        return {k: _take(v, rows, n) for k, v in value.items()}
-    return value
-
-
-@contextmanager
-def _replay_capture(
-    adapter: ModelAdapter, layer: int
-) -> Iterator[tuple[list[torch.Tensor], list[tuple[tuple[Any, ...], dict[str, Any]]]]]:
-    """Record block ``layer``'s output and the call arguments of every later block; stop at the final norm."""
-    hidden: list[torch.Tensor] = []
-    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-    def keep_output(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        hidden.append(first_tensor(output).detach())
-
-    def keep_call(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        rest = args[1:]
-        kwargs = dict(kwargs)
-        kwargs.pop("hidden_states", None)
-        calls.append((rest, kwargs))
-
-    def stop(module: nn.Module, args: tuple[Any, ...]) -> None:
-        raise StopForward
-
-    handles = [adapter.block(layer).register_forward_hook(keep_output)]
-    try:
-        for i in range(layer + 1, adapter.num_layers):
-            handles.append(adapter.block(i).register_forward_pre_hook(keep_call, with_kwargs=True))
-        handles.append(adapter.final_norm().register_forward_pre_hook(stop))
-        yield hidden, calls
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
 def _logits(adapter: ModelAdapter, hidden: torch.Tensor) -> torch.Tensor:
     """The LM head's logits for final hidden states ``hidden`` (final norm, OPT's projection, soft-capping)."""
     model = adapter.model
@@ -255,13 +211,19 @@ def _optimise(
     batch = _build_batch(tokenizer, requests, templates)
     n, n_rows = len(requests), batch.rows_ids.shape[0]
     with eval_mode(model):
-        with torch.no_grad(), _replay_capture(adapter, layer) as (hidden, calls), suppress(StopForward):
-            model(input_ids=batch.rows_ids.to(device), attention_mask=batch.mask.to(device), use_cache=False)
-        cached = hidden[0]
-        rows_all = torch.arange(n_rows)
-        base = cached[batch.bare_row, batch.subject_pos[batch.bare_row]].float()
+        groups = prepare_replays(model, batch.rows_ids, batch.mask, batch.subject_pos, layer)
+        # Where each row lives: its group, its index in the group, and its subject within the replayed window.
+        group_of = torch.empty(n_rows, dtype=torch.long)
+        local_of = torch.empty(n_rows, dtype=torch.long)
+        offset = torch.empty(n_rows, dtype=torch.long)
+        for g, (rows, replay) in enumerate(groups):
+            group_of[rows], local_of[rows] = g, torch.arange(len(rows))
+            offset[rows] = batch.subject_pos[rows] - replay.start
+        label_pos = batch.label_pos - (batch.subject_pos - offset)[batch.label_row]
+        base = torch.stack([groups[int(group_of[r])][1].hidden[int(local_of[r]), int(offset[r])]
+                            for r in batch.bare_row]).float()
         base_norm = base.norm(dim=-1).clamp_min(1e-6).cpu()
-        delta = torch.zeros(n, cached.shape[-1], requires_grad=True)
+        delta = torch.zeros(n, base.shape[-1], requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
         done = torch.zeros(n, dtype=torch.bool)
         prob = torch.zeros(n)
@@ -271,29 +233,31 @@ def _optimise(
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.v_bfloat16)
         for step in range(max(hp.v_steps, 1)):
             active = (~done).nonzero().squeeze(1)
-            rows = rows_all[~done[batch.row_request]]
-            local = torch.full((n_rows,), -1, dtype=torch.long)
-            local[rows] = torch.arange(len(rows))
-            h = cached[rows.to(device)]
-            shift = torch.zeros_like(h)
-            shift[torch.arange(len(rows)), batch.subject_pos[rows].to(device)] = delta[batch.row_request[rows]].to(
-                h.dtype
-            ).to(device)
-            h = h + shift
-            with autocast:
-                for block, (args, kwargs) in zip(blocks, calls, strict=True):
-                    h = first_tensor(block(h, *_take(args, rows, n_rows), **_take(kwargs, rows, n_rows)))
-                h = h.to(cached.dtype)
+            # The final hidden state of every active row at every position the loss reads, group by group.
+            final: list[torch.Tensor | None] = [None] * len(groups)
+            for g, (rows, replay) in enumerate(groups):
+                local = (~done[batch.row_request[rows]]).nonzero().squeeze(1)
+                if not len(local):
+                    continue
+                h = replay.hidden[local.to(device)]
+                shift = torch.zeros_like(h)
+                owners = batch.row_request[rows[local]]
+                shift[torch.arange(len(local)), offset[rows[local]].to(device)] = delta[owners].to(h.dtype).to(device)
+                h = h + shift
+                with autocast:
+                    for block, (args, kwargs) in zip(blocks, replay.calls_for(local), strict=True):
+                        h = first_tensor(block(h, *args, **kwargs))
+                full = h.new_zeros((len(rows), *h.shape[1:]))
+                full[local.to(device)] = h.to(full.dtype)
+                final[g] = full
             keep = ~done[batch.row_request[batch.label_row]]
-            label_rows = local[batch.label_row[keep]]
-            log_probs = _logits(adapter, h[label_rows.to(device), batch.label_pos[keep].to(device)]).log_softmax(-1)
+            label_h = _read(final, group_of, local_of, batch.label_row[keep], label_pos[keep])
+            log_probs = _logits(adapter, label_h).log_softmax(-1)
             token_lp = log_probs.gather(1, batch.label_id[keep].to(device)[:, None]).squeeze(1).cpu()
             owner = batch.row_request[batch.label_row[keep]]
             nll = torch.zeros(n).index_add(0, owner, -token_lp * batch.label_weight[keep])
             kl_rows = batch.kl_row[active]
-            kl_lp = _logits(adapter, h[local[kl_rows].to(device), batch.subject_pos[kl_rows].to(device)]).log_softmax(
-                -1
-            )
+            kl_lp = _logits(adapter, _read(final, group_of, local_of, kl_rows, offset[kl_rows])).log_softmax(-1)
             if kl_init is None:
                 kl_init = kl_lp.detach().cpu()
             kl = (kl_init[active].exp() * (kl_init[active] - kl_lp.cpu())).sum(-1)
@@ -320,3 +284,23 @@ def _optimise(
                 norms = delta.norm(dim=-1).clamp_min(1e-12)
                 delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms))[:, None])
     return TargetValues(delta=delta.detach().double(), prob=prob, steps=steps, layer=layer)
+
+
+def _read(
+    final: list[torch.Tensor | None],
+    group_of: torch.Tensor,
+    local_of: torch.Tensor,
+    rows: torch.Tensor,
+    positions: torch.Tensor,
+) -> torch.Tensor:
+    """The final hidden states of ``rows`` (batch indices) at ``positions`` (within their replayed window)."""
+    picked = []
+    for g, states in enumerate(final):
+        here = group_of[rows] == g
+        if bool(here.any()):
+            assert states is not None
+            device = states.device
+            at = states[local_of[rows[here]].to(device), positions[here].to(device)]
+            picked.append((here.nonzero().squeeze(1), at))
+    order = torch.cat([index for index, _ in picked])
+    return torch.cat([states for _, states in picked])[torch.argsort(order).to(picked[0][1].device)]
