@@ -301,7 +301,7 @@ def test_choose_edit_layers_measures_and_caches(tmp_path, monkeypatch):
     def no_tracing(*args, **kwargs):
         raise AssertionError("the cached curve should have been used")
 
-    monkeypatch.setattr("lightning_kedit.tracing.average_trace", no_tracing)
+    monkeypatch.setattr("lightning_kedit.tracing.averaging.average_trace", no_tracing)
     assert choose_edit_layers(model, tokenizer, requests, window=2, n=2, samples=2, trace_window=3) == layers
     assert choose_edit_layers(model, tokenizer, requests, window=3, n=2, samples=2, trace_window=3) == best_window(
         curve.mean("mlp"), 3
