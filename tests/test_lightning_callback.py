@@ -16,7 +16,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 from lightning_kedit.errors import KeditError
 from lightning_kedit.hooks import capture_inputs
 from lightning_kedit.lightning import KnowledgeEditCallback, KnowledgeEditModule, TextDataModule
-from lightning_kedit.lightning.callback import _check_strategy
+from lightning_kedit.lightning.strategies import check_strategy
 from lightning_kedit.requests import EditRequest, PromptAnswer
 
 TEXT = (
@@ -194,11 +194,11 @@ def test_state_key_is_unique_per_configuration():
 def test_unsupported_strategies_are_refused_by_name():
     deepspeed = type("DeepSpeedStrategy", (DDPStrategy,), {})()
     with pytest.raises(MisconfigurationException, match="DeepSpeedStrategy"):
-        _check_strategy(deepspeed)
+        check_strategy(deepspeed)
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     with pytest.raises(MisconfigurationException, match="ModelParallelStrategy"):
-        _check_strategy(ModelParallelStrategy())
+        check_strategy(ModelParallelStrategy())
     callback = KnowledgeEditCallback(REQUESTS)
     trainer = SimpleNamespace(strategy=ModelParallelStrategy())
     with pytest.raises(MisconfigurationException, match="ModelParallelStrategy"):

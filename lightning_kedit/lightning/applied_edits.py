@@ -1,0 +1,96 @@
+"""The callback's bookkeeping of the edits in the weights: their records and their deltas' stored forms.
+
+An :class:`AppliedEdit` records one edit the callback put in the weights (its moment key, requests, method and
+the delta's content hash); the records travel in checkpoints, so that a resumed run neither applies an edit
+twice nor loses one. A delta itself is kept in memory, in a file of ``save_delta_to`` (:func:`delta_file`), or,
+with ``checkpoint_deltas``, in the checkpoint as a uint8 tensor (:func:`delta_to_bytes`), which is also how
+processes send it to each other.
+
+Example:
+    >>> record = AppliedEdit("fit_end", ("a", "b"), "0f3a", "memit", epoch=0, global_step=200)
+    >>> AppliedEdit.from_dict({**record.__dict__, "request_ids": ["a", "b"], "added_later": 1}) == record
+    True
+    >>> delta_file("deltas", "step:200").as_posix()
+    'deltas/step-200.safetensors'
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lightning_kedit.errors import KeditError
+
+if TYPE_CHECKING:
+    from lightning_kedit.editing.delta import EditDelta
+
+__all__ = ["DELTA_SUFFIX", "AppliedEdit", "delta_file", "delta_from_bytes", "delta_to_bytes", "recorded_delta"]
+
+DELTA_SUFFIX = ".safetensors"
+
+
+@dataclass(frozen=True)
+class AppliedEdit:
+    """One edit that is in the weights: where it was made, which requests, and the delta's content hash."""
+
+    key: str
+    request_ids: tuple[str, ...]
+    digest: str
+    method: str
+    epoch: int
+    global_step: int
+    path: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> AppliedEdit:
+        """The record of a checkpoint entry (``dataclasses.asdict`` form; unknown keys are ignored)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        return cls(**{**values, "request_ids": tuple(values["request_ids"])})
+
+
+def delta_file(folder: str | Path, key: str) -> Path:
+    """Where the delta of the edit made at moment ``key`` is saved in ``folder`` (a file-system-safe name)."""
+    return Path(folder) / (re.sub(r"[^A-Za-z0-9_.-]+", "-", key) + DELTA_SUFFIX)
+
+
+def recorded_delta(record: AppliedEdit, deltas: Mapping[str, EditDelta]) -> EditDelta:
+    """The delta of ``record``: kept in ``deltas`` (by digest), else loaded from its saved file.
+
+    Raises:
+        KeditError: the delta is neither kept nor saved, so the edit cannot be reverted.
+    """
+    if record.digest in deltas:
+        return deltas[record.digest]
+    if record.path is not None and Path(record.path).is_file():
+        from lightning_kedit.editing.delta import EditDelta
+
+        return EditDelta.load(record.path)
+    raise KeditError(
+        f"the delta of edit {record.key!r} (digest {record.digest}) is not available to revert it; "
+        "keep deltas with `checkpoint_deltas=True` or `save_delta_to=DIR`"
+    )
+
+
+def delta_to_bytes(delta: EditDelta) -> torch.Tensor:
+    """The bytes of ``delta``'s file as a uint8 tensor (which keeps checkpoints loadable with ``weights_only``)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"delta{DELTA_SUFFIX}"
+        delta.save(path)
+        return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+
+
+def delta_from_bytes(payload: torch.Tensor) -> EditDelta:
+    """The delta whose file bytes :func:`delta_to_bytes` gave."""
+    from lightning_kedit.editing.delta import EditDelta
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"delta{DELTA_SUFFIX}"
+        path.write_bytes(payload.numpy().tobytes())
+        return EditDelta.load(path)
