@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tick = time.perf_counter()
     templates = context_templates(model, tokenizer, hp.prefix_lengths, seed=hp.seed)
-    cache = TargetCache(Path(args.out).parent / "targets")  # δ does not depend on λ: optimised once
+    cache = TargetCache()  # δ does not depend on λ: optimised once, shared with `kedit bench` runs
     values = compute_target_values(model, tokenizer, requests, hp.layers[-1], templates, hp, progress=True,
                                    target_cache=cache)
     target_seconds = time.perf_counter() - tick

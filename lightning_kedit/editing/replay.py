@@ -134,8 +134,9 @@ def _prefix_replay(
             # Rows whose subject is their first token have an all-padding prefix: zero its keys and values (which
             # attention masks out), so that no NaN of a fully masked softmax reaches the replayed positions.
             keep = prefix_mask.bool()[:, None, :, None]
-            prefix_kv = [(torch.where(keep, lay.keys, 0.0), torch.where(keep, lay.values, 0.0)) for lay in cache.layers]
-            for cache_layer, (keys, values) in zip(cache.layers, prefix_kv, strict=True):
+            layers: list[Any] = list(cache.layers)
+            prefix_kv = [(torch.where(keep, lay.keys, 0.0), torch.where(keep, lay.values, 0.0)) for lay in layers]
+            for cache_layer, (keys, values) in zip(layers, prefix_kv, strict=True):
                 cache_layer.keys, cache_layer.values = keys, values
         with _replay_capture(adapter, layer) as (hidden, calls), suppress(StopForward):
             model(input_ids=tail, attention_mask=torch.cat([prefix_mask, tail_mask], 1), position_ids=tail_pos,
