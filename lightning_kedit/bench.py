@@ -16,7 +16,8 @@ skipping them; target values are cached on disk by :class:`~lightning_kedit.edit
 so that ``N = 1,000`` reuses the work of ``N = 100``. ``results.md`` and ``success_vs_edits.png``
 (:mod:`lightning_kedit.bench_report`) are rewritten after every cell. Peak memory is the largest resident set
 size (RSS) of the process during the cell, sampled every 50 ms with psutil when it is installed, else the
-process's lifetime ``ru_maxrss`` (an upper bound); on a GPU also ``torch.cuda.max_memory_allocated``.
+process's lifetime ``ru_maxrss`` (an upper bound); on a GPU also ``torch.cuda.max_memory_allocated``
+(:class:`~lightning_kedit.resource_meter.ResourceMeter`).
 
 Example:
     >>> from lightning_kedit import load_model, load_requests  # doctest: +SKIP
@@ -34,7 +35,6 @@ import hashlib
 import json
 import os
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,6 +52,7 @@ from lightning_kedit.metrics import evaluate_requests
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import fingerprint_digest, model_fingerprint, weights_hash
 from lightning_kedit.requests import EditRequest
+from lightning_kedit.resource_meter import ResourceMeter
 
 __all__ = [
     "UNEDITED",
@@ -131,62 +132,6 @@ def parse_counts(counts: str | Sequence[int], available: int | None = None) -> l
             f"give numbers of edits up to {available}"
         )
     return sorted(set(values))
-
-
-class ResourceMeter:
-    """The peak resident memory (and CUDA memory) and the CPU time of the process while the ``with`` block runs.
-
-    CPU seconds (all threads, :func:`time.process_time`) do not depend on how busy a shared machine is, unlike
-    wall seconds: they are what projections of larger runs are made from.
-
-    Example:
-        >>> with ResourceMeter() as meter:
-        ...     _ = bytearray(10_000_000)
-        >>> meter.peak_mb > 0 and meter.cpu_seconds >= 0
-        True
-    """
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval = interval
-        self.peak_mb = 0.0
-        self.cuda_mb: float | None = None
-        self.cpu_seconds = 0.0
-        self.source = "psutil"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> ResourceMeter:
-        self._cpu_start = time.process_time()
-        try:
-            import psutil
-
-            process = psutil.Process()
-            self.peak_mb = process.memory_info().rss / 2**20
-
-            def sample() -> None:
-                while not self._stop.wait(self.interval):
-                    self.peak_mb = max(self.peak_mb, process.memory_info().rss / 2**20)
-
-            self._thread = threading.Thread(target=sample, daemon=True)
-            self._thread.start()
-        except ImportError:
-            self.source = "ru_maxrss"
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.cpu_seconds = time.process_time() - self._cpu_start
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        else:
-            import resource
-
-            scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-            self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
-        if torch.cuda.is_available():
-            self.cuda_mb = torch.cuda.max_memory_allocated() / 2**20
 
 
 def _prefix_digests(requests: Sequence[EditRequest]) -> list[str]:

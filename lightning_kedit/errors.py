@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["KeditError", "ModelLoadError", "RequestFormatError", "StatisticsMismatchError"]
+__all__ = [
+    "DeltaError",
+    "DeltaFileError",
+    "DeltaMismatchError",
+    "KeditError",
+    "ModelLoadError",
+    "RequestFormatError",
+    "StatisticsMismatchError",
+]
 
 
 class KeditError(ValueError):
@@ -19,3 +27,15 @@ class RequestFormatError(KeditError):
 
 class StatisticsMismatchError(KeditError):
     """Key statistics made for another model, other layers or another tokenizer."""
+
+
+class DeltaError(KeditError):
+    """A delta that cannot be applied, reverted or saved as asked."""
+
+
+class DeltaMismatchError(DeltaError):
+    """A delta and a model whose weights or architecture do not match (``force=True`` / ``--force``)."""
+
+
+class DeltaFileError(DeltaError):
+    """A delta file that is missing, unreadable or corrupt."""

@@ -9,6 +9,7 @@ import torch
 from tiny_models import tiny_model
 
 import lightning_kedit.editing.delta as delta_module
+import lightning_kedit.editing.layer_update as layer_update_module
 from lightning_kedit.editing.delta import (
     DeltaError,
     DeltaFileError,
@@ -165,7 +166,8 @@ def test_apply_is_atomic_when_a_phase_fails(arch, phase, monkeypatch):
         return wrapper
 
     if phase == "compute":
-        monkeypatch.setattr(delta_module, "_updated", failing(delta_module._updated, RuntimeError("boom")))
+        real_updated = layer_update_module._updated
+        monkeypatch.setattr(layer_update_module, "_updated", failing(real_updated, RuntimeError("boom")))
     else:
         error = KeyboardInterrupt() if phase == "write-interrupt" else RuntimeError("boom")
         monkeypatch.setattr(delta_module, "_write", failing(delta_module._write, error))

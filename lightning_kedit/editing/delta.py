@@ -6,7 +6,7 @@ it was computed on and of the weight it produces, and the edit's metadata (metho
 ids, model fingerprint). Applying checks the base hashes, computes every new weight in float64 before any is
 written, and restores all of them if anything fails; reverting restores the kept original weights bit for
 bit. Deltas compose, and save to a single safetensors file whose header holds the metadata as JSON
-(:mod:`.delta_file`).
+(:mod:`.delta_file`). Each layer's part is a :class:`~.layer_update.LayerUpdate` (:mod:`.layer_update`).
 
 Example:
     >>> import torch
@@ -37,26 +37,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_kedit.editing.layer_update import LayerUpdate, compact_update
 from lightning_kedit.editing.solvers import LowRankUpdate
-from lightning_kedit.errors import KeditError
+from lightning_kedit.errors import DeltaError, DeltaFileError, DeltaMismatchError
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import fingerprint_mismatches, model_fingerprint, weights_hash
 
 __all__ = ["DeltaError", "DeltaFileError", "DeltaMismatchError", "EditDelta", "LayerUpdate", "RevertReport"]
 
 _ARCHITECTURE_KEYS = ("model_type", "num_layers", "key_size", "value_size", "vocab_size")
-
-
-class DeltaError(KeditError):
-    """A delta that cannot be applied, reverted or saved as asked."""
-
-
-class DeltaMismatchError(DeltaError):
-    """A delta and a model whose weights or architecture do not match (``force=True`` / ``--force``)."""
-
-
-class DeltaFileError(DeltaError):
-    """A delta file that is missing, unreadable or corrupt."""
 
 
 def _hparams_dict(hparams: Any) -> dict[str, Any]:
@@ -66,95 +55,8 @@ def _hparams_dict(hparams: Any) -> dict[str, Any]:
     return dict(hparams or {})
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class LayerUpdate:
-    """The update of one layer's projection weight, in ``out x in`` layout.
-
-    Args:
-        layer: block index.
-        weight_name: the fully qualified parameter name (``ModelAdapter.weight_name``).
-        base_hash: hash of the stored weight the update was computed on.
-        result_hash: hash of the stored weight the update produces from that base, when known.
-        transposed: the weight is stored ``in x out`` (GPT-2's ``Conv1D``).
-        factors: the update as ``u @ v.T`` (exclusive with ``matrix``).
-        matrix: the dense ``(dv, dk)`` update (exclusive with ``factors``).
-    """
-
-    layer: int
-    weight_name: str
-    base_hash: str
-    result_hash: str | None = None
-    transposed: bool = False
-    factors: LowRankUpdate | None = None
-    matrix: Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if (self.factors is None) == (self.matrix is None):
-            raise ValueError(f"layer {self.layer}: give exactly one of `factors` and `matrix`")
-        tensors = self.factors if self.factors is not None else (self.matrix,)
-        if not all(torch.isfinite(t).all() for t in tensors if t is not None):
-            raise DeltaError(f"layer {self.layer}: the update holds nan or inf values; the edit diverged")
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(dv, dk)``."""
-        if self.factors is not None:
-            return self.factors.shape
-        assert self.matrix is not None
-        return int(self.matrix.shape[0]), int(self.matrix.shape[1])
-
-    @property
-    def rank(self) -> int | None:
-        """The number of factor columns, or None for a dense update."""
-        return None if self.factors is None else self.factors.rank
-
-    def dense(self) -> Tensor:
-        """The update as a dense ``(dv, dk)`` matrix."""
-        if self.factors is not None:
-            return self.factors.dense()
-        assert self.matrix is not None
-        return self.matrix
-
-    def tensors(self) -> dict[str, Tensor]:
-        """The stored tensors, by name (``u``/``v`` or ``delta``)."""
-        if self.factors is not None:
-            return {"u": self.factors.u, "v": self.factors.v}
-        assert self.matrix is not None
-        return {"delta": self.matrix}
-
-    def record(self) -> dict[str, Any]:
-        return {"layer": self.layer, "weight_name": self.weight_name, "base_hash": self.base_hash,
-                "result_hash": self.result_hash, "transposed": self.transposed}
-
-    def applied_to(self, weight: Tensor, *, sign: float = 1.0) -> Tensor:
-        """``weight ± update`` in the weight's stored layout and dtype (see :func:`_updated`)."""
-        return _updated(weight, sign * self.dense(), self.transposed)
-
-
-def _compact(update: Tensor | LowRankUpdate, shape: tuple[int, int], layer: int) -> dict[str, Any]:
-    """``factors=`` when ``(dv + dk) r < dv dk``, else ``matrix=``; float64, on the CPU."""
-    if isinstance(update, LowRankUpdate):
-        u, v = (t.detach().to("cpu", torch.float64) for t in update)
-        factors = LowRankUpdate(u, v)
-        if factors.shape != shape or factors.u.shape[1] != factors.v.shape[1]:
-            raise ValueError(f"update of layer {layer}: factors give {factors.shape}, the weight is {shape}")
-        if (shape[0] + shape[1]) * factors.rank < shape[0] * shape[1]:
-            return {"factors": factors}
-        return {"matrix": factors.dense()}
-    if not isinstance(update, Tensor) or tuple(update.shape) != shape:
-        got = tuple(update.shape) if isinstance(update, Tensor) else type(update).__name__
-        raise ValueError(f"update of layer {layer} must be an out x in tensor of shape {shape}, got {got}")
-    return {"matrix": update.detach().to("cpu", torch.float64).contiguous()}
-
-
-def _updated(weight: Tensor, delta: Tensor, transposed: bool) -> Tensor:
-    """``weight + delta`` computed in float64 (float32 on MPS) and cast back to the weight's dtype."""
-    compute = torch.float32 if weight.device.type == "mps" else torch.float64
-    step = delta.T if transposed else delta
-    return (weight.detach().to(compute) + step.to(weight.device, compute)).to(weight.dtype)
-
-
 def _write(param: Tensor, value: Tensor) -> None:
+    """Copy ``value`` into the parameter ``param`` in place."""
     with torch.no_grad():
         param.copy_(value)
 
@@ -286,7 +188,7 @@ class EditDelta:
         for layer in layers:
             weight = adapter.weight(layer)
             shape = tuple(adapter.from_stored_layout(weight).shape)
-            stored = _compact(updates[layer], (int(shape[0]), int(shape[1])), layer)
+            stored = compact_update(updates[layer], (int(shape[0]), int(shape[1])), layer)
             record = LayerUpdate(layer, adapter.weight_name(layer), weights_hash(weight), None,
                                  adapter.is_conv1d, **stored)
             result = weights_hash(record.applied_to(weight))
@@ -479,7 +381,7 @@ class EditDelta:
                 )
             else:
                 summed = torch.stack([u.dense() for u in chain]).sum(0)
-            stored = _compact(summed, shape, layer)
+            stored = compact_update(summed, shape, layer)
             record = LayerUpdate(layer, first.weight_name, first.base_hash, None, first.transposed, **stored)
             if layer in base:  # the composed result is known when the base weights are
                 record = dataclasses.replace(record, result_hash=weights_hash(record.applied_to(base[layer])))
