@@ -7,9 +7,9 @@ import torch
 from tiny_models import tiny_model
 
 from lightning_kedit.editing import compute_edit, memit
-from lightning_kedit.editing.alphaedit import alphaedit_updates, compute_alphaedit
+from lightning_kedit.editing.alphaedit import DEFAULT_ALPHA, DEFAULT_THRESHOLD, alphaedit_updates, compute_alphaedit
 from lightning_kedit.editing.history import EditHistory
-from lightning_kedit.editing.hparams import EditHyperParams, HyperParamError
+from lightning_kedit.editing.hparams import METHODS, EditHyperParams, HyperParamError, resolve_hparams
 from lightning_kedit.editing.keys import subject_states
 from lightning_kedit.editing.nullspace import (
     alphaedit_factors,
@@ -211,3 +211,31 @@ def test_bad_options_are_refused_with_the_model_unchanged(tokenizer):
     with pytest.raises(SolverError, match="null space is empty"):  # isotropic keys: nothing below 1e-3 x max
         compute_alphaedit(model, tokenizer, REQUESTS, statistics=full, hparams=hp, threshold=1e-3)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------------------- default settings
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_alphaedit_defaults_are_memits_with_the_null_space_settings(model_type):
+    model = tiny_model(model_type)
+    memit_defaults = EditHyperParams.for_model(model, "memit")
+    defaults = EditHyperParams.for_model(model, "alphaedit")
+    assert "alphaedit" in METHODS
+    assert defaults.to_dict() == memit_defaults.to_dict()  # the same layers, clamp and target optimisation
+    assert defaults.extra == {"nullspace_threshold": DEFAULT_THRESHOLD, "alpha": DEFAULT_ALPHA}
+    assert EditHyperParams.for_model(model, "alphaedit", [2, 1]).layers == (1, 2)
+    assert defaults.replace(v_steps=3).extra == defaults.extra  # overrides keep the null-space settings
+    assert resolve_hparams(model, "alphaedit", [3]).extra == defaults.extra
+    with pytest.raises(HyperParamError, match="layers outside"):
+        resolve_hparams(model, "alphaedit", [9])
+    with pytest.raises(HyperParamError, match="method"):
+        EditHyperParams.for_model(model, "alpha-edit")
+
+
+def test_compute_edit_without_hparams_uses_the_alphaedit_defaults(tokenizer):
+    model = peaky()
+    defaults = EditHyperParams.for_model(model, "alphaedit")
+    stats, _ = low_rank_statistics(model, list(defaults.layers), rank=24)
+    delta = compute_edit(model, tokenizer, REQUESTS, method="alphaedit", statistics=stats)
+    assert delta.method == "alphaedit" and delta.layers == list(defaults.layers)
+    assert delta.hparams["nullspace_threshold"] == DEFAULT_THRESHOLD and delta.hparams["alpha"] == DEFAULT_ALPHA
+    assert delta.hparams["v_steps"] == defaults.v_steps

@@ -36,7 +36,7 @@ from lightning_kedit.requests import EditRequest
 
 from .delta import EditDelta
 from .history import EditHistory
-from .hparams import EditHyperParams, HyperParamError
+from .hparams import DEFAULT_ALPHA, DEFAULT_NULLSPACE_THRESHOLD, EditHyperParams, HyperParamError, resolve_hparams
 from .keys import eval_mode, subject_states
 from .memit import PhaseTimer, add_to_weight, check_statistics, temporary_updates
 from .nullspace import alphaedit_factors, null_space_basis
@@ -46,10 +46,9 @@ from .targets import NonFiniteEditError, TargetValues, compute_target_values
 
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "alphaedit_updates", "compute_alphaedit", "null_space_bases"]
 
-#: Relative eigenvalue threshold of the null space (eigenvalues below ``threshold · λ_max(C)`` are kept).
-DEFAULT_THRESHOLD = 1e-2
-#: Weight of ``‖Δ‖²`` relative to the mean diagonal of ``C``.
-DEFAULT_ALPHA = 1.0
+#: Relative eigenvalue threshold of the null space (eigenvalues below ``threshold · λ_max(C)`` are kept);
+#: the default of ``EditHyperParams.for_model(model, "alphaedit").extra["nullspace_threshold"]``.
+DEFAULT_THRESHOLD = DEFAULT_NULLSPACE_THRESHOLD
 
 
 def null_space_bases(statistics: Any, layers: Sequence[int], threshold: float = DEFAULT_THRESHOLD) -> dict[int, Tensor]:
@@ -166,7 +165,7 @@ def compute_alphaedit(
         requests: the facts to write.
         layers: edit layers (MEMIT's defaults when None).
         statistics: key statistics of the unedited model, a statistics file, or None for the cached ones.
-        hparams: MEMIT's hyper-parameters (``EditHyperParams.for_model(model, "memit")`` when None);
+        hparams: MEMIT's hyper-parameters (``EditHyperParams.for_model(model, "alphaedit")`` when None);
             ``hparams.extra`` may hold ``nullspace_threshold`` and ``alpha``.
         history: earlier AlphaEdit batches whose edits must be kept.
         threshold: relative null-space threshold (:data:`DEFAULT_THRESHOLD` when None).
@@ -191,17 +190,7 @@ def compute_alphaedit(
         raise KeditError("the request list is empty; give at least one edit request")
     if not all(isinstance(r, EditRequest) for r in requests):
         raise KeditError("requests must be EditRequest objects")
-    adapter = ModelAdapter.for_model(model)
-    hp = hparams if hparams is not None else EditHyperParams.for_model(model, "memit")
-    if layers is not None:
-        try:
-            hp = hp.replace(layers=tuple(adapter.check_layers(list(layers))))
-        except ValueError as err:
-            raise HyperParamError(str(err)) from err
-    try:
-        adapter.check_layers(list(hp.layers))
-    except ValueError as err:
-        raise HyperParamError(str(err)) from err
+    hp = resolve_hparams(model, "alphaedit", layers, hparams)
     threshold = float(threshold if threshold is not None else hp.extra.get("nullspace_threshold", DEFAULT_THRESHOLD))
     alpha = float(alpha if alpha is not None else hp.extra.get("alpha", DEFAULT_ALPHA))
     _check_options(threshold, alpha)

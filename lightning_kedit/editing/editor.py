@@ -17,11 +17,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_kedit.errors import KeditError
-from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.requests import EditRequest
 
 from .delta import EditDelta
-from .hparams import METHODS, EditHyperParams, HyperParamError
+from .hparams import EditHyperParams, resolve_hparams
 from .keys import eval_mode
 from .memit import PhaseTimer, memit_updates
 from .rome import rome_updates
@@ -53,27 +52,6 @@ def resolve_statistics(
     return statistics
 
 
-def _hparams(
-    model: nn.Module, method: str, layers: Sequence[int] | None, hparams: EditHyperParams | None
-) -> EditHyperParams:
-    if method not in METHODS:
-        raise HyperParamError(f"`method`={method!r} is not one of {', '.join(METHODS)}")
-    adapter = ModelAdapter.for_model(model)
-    if layers is not None:
-        try:
-            layers = adapter.check_layers(list(layers))
-        except ValueError as err:
-            raise HyperParamError(str(err)) from err
-    base = hparams if hparams is not None else EditHyperParams.for_model(model, method)
-    if layers is not None:
-        base = base.replace(layers=tuple(layers))
-    try:
-        adapter.check_layers(list(base.layers))
-    except ValueError as err:
-        raise HyperParamError(str(err)) from err
-    return base
-
-
 def auto_edit_layers(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest] | None, method: str,
     spec: str = "auto",
@@ -88,7 +66,7 @@ def auto_edit_layers(
         raise KeditError(f"`layers`={spec!r} is neither a list of layer indices nor 'auto'")
     from lightning_kedit.tracing import choose_edit_layers
 
-    size = len(EditHyperParams.for_model(model, "memit" if method == "alphaedit" else method).layers)
+    size = len(EditHyperParams.for_model(model, method).layers)
     return choose_edit_layers(model, tokenizer, requests, window=size)
 
 
@@ -143,7 +121,7 @@ def compute_edit(
 
         return compute_alphaedit(model, tokenizer, requests, layers=layers, statistics=statistics, hparams=hparams,
                                  progress=progress, timings=timings)
-    hp = _hparams(model, method, layers, hparams)
+    hp = resolve_hparams(model, method, layers, hparams)
     timer = PhaseTimer()
     ids = [r.case_id for r in requests]
     with eval_mode(model):

@@ -10,6 +10,9 @@ Sources of the defaults:
   five consecutive early-to-middle layers, one bare prompt plus five model-generated prefixes of 10 tokens.
 - ROME (Meng et al., 2022, ``hparams/ROME/*.json``): one layer at about 17% of the depth (GPT-2 XL: 17 of 48,
   GPT-J: 5 of 28, Llama: 5), ten prefixes of 5 tokens and ten of 10.
+- AlphaEdit (Fang et al., 2025): MEMIT's layers and target optimisation, plus the null-space threshold
+  (:data:`DEFAULT_NULLSPACE_THRESHOLD`) and the weight of ``‖Δ‖²`` (:data:`DEFAULT_ALPHA`) in ``extra``
+  (``nullspace_threshold``, ``alpha``), where :func:`~.alphaedit.compute_alphaedit` reads them.
 - ``mom2_weight`` (λ): the reference uses 15,000 with ``C = E[k kᵀ]``. Here λ multiplies ``C / mean(diag C)``
   when ``lambda_relative`` is set, which makes one value transfer across models whose key scales differ;
   the SmolLM2 default comes from the sweep in ``benchmarks/edit_quality.py`` (docs/benchmarks/editing.md).
@@ -32,10 +35,21 @@ from torch import nn
 from lightning_kedit.errors import KeditError
 from lightning_kedit.models.adapters import ModelAdapter, default_edit_layers
 
-__all__ = ["METHODS", "EditHyperParams", "HyperParamError"]
+__all__ = [
+    "DEFAULT_ALPHA",
+    "DEFAULT_NULLSPACE_THRESHOLD",
+    "METHODS",
+    "EditHyperParams",
+    "HyperParamError",
+    "resolve_hparams",
+]
 
 #: The edit methods this package computes.
-METHODS = ("memit", "rome", "ft")
+METHODS = ("memit", "rome", "ft", "alphaedit")
+#: AlphaEdit's relative eigenvalue threshold of the null space (eigenvalues below ``threshold · λ_max(C)``).
+DEFAULT_NULLSPACE_THRESHOLD = 1e-2
+#: AlphaEdit's weight of ``‖Δ‖²``, relative to the mean diagonal of ``C``.
+DEFAULT_ALPHA = 1.0
 
 
 class HyperParamError(KeditError):
@@ -64,6 +78,8 @@ class EditHyperParams:
         ft_norm_bound: L∞ bound on the fine-tuning change (method "ft").
         ft_steps: fine-tuning steps (method "ft").
         ft_lr: fine-tuning learning rate (method "ft").
+        extra: method-specific settings outside the fields (AlphaEdit: ``nullspace_threshold`` and ``alpha``);
+            not compared, and not part of :meth:`to_dict`.
     """
 
     layers: tuple[int, ...] = (4, 5, 6, 7, 8)
@@ -140,13 +156,18 @@ class EditHyperParams:
     def for_model(
         cls, model: nn.Module, method: str = "memit", layers: Sequence[int] | None = None
     ) -> EditHyperParams:
-        """Per-architecture defaults for ``method`` ("memit", "rome" or "ft").
+        """Per-architecture defaults for ``method`` ("memit", "rome", "ft" or "alphaedit").
+
+        AlphaEdit gets MEMIT's defaults (its layers and target optimisation) with the null-space threshold and
+        ``alpha`` in :attr:`extra`.
 
         Example:
             >>> from transformers import GPT2Config, GPT2LMHeadModel
             >>> model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=64))
             >>> EditHyperParams.for_model(model, "rome").layers
             (1,)
+            >>> EditHyperParams.for_model(model, "alphaedit").extra
+            {'nullspace_threshold': 0.01, 'alpha': 1.0}
         """
         if method not in METHODS:
             raise HyperParamError(f"`method`={method!r} is not one of {', '.join(METHODS)}")
@@ -154,12 +175,15 @@ class EditHyperParams:
         n = adapter.num_layers
         # GPT-2 / GPT-J hidden states are larger relative to their MLP outputs: MEMIT clamps at 0.75 there.
         clamp = 0.75 if adapter.model_type in ("gpt2", "gptj") else 4.0
-        if method == "memit":
+        if method in ("memit", "alphaedit"):
             chosen = tuple(default_edit_layers(n))
             base = cls(layers=chosen, clamp_norm=clamp)
             if adapter.model_type == "llama" and n == 30:
                 # SmolLM2-135M: the best setting of the λ sweep (docs/benchmarks/editing.md).
                 base = base.replace(**_SMOLLM2_MEMIT)
+            if method == "alphaedit":
+                # AlphaEdit keeps MEMIT's pipeline; λ is not used by its solve.
+                base = base.replace(extra={"nullspace_threshold": DEFAULT_NULLSPACE_THRESHOLD, "alpha": DEFAULT_ALPHA})
         elif method == "rome":
             chosen = (min(n - 1, max(0, round(n * 0.17))),)
             base = cls(layers=chosen, clamp_norm=clamp, prefix_lengths=((5, 10), (10, 10)))
@@ -168,11 +192,41 @@ class EditHyperParams:
             chosen = (default_edit_layers(n)[0],)
             base = cls(layers=chosen)
         if layers is not None:
-            try:
-                base = base.replace(layers=tuple(adapter.check_layers(list(layers))))
-            except ValueError as err:
-                raise HyperParamError(str(err)) from err
+            base = base.replace(layers=_checked_layers(adapter, layers))
         return base
+
+
+def resolve_hparams(
+    model: nn.Module, method: str, layers: Sequence[int] | None = None, hparams: EditHyperParams | None = None
+) -> EditHyperParams:
+    """The hyper-parameters of an edit: ``hparams`` (the method's defaults when None) with ``layers`` if given.
+
+    Raises:
+        HyperParamError: an unknown method, or layers outside the model.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=64))
+        >>> resolve_hparams(model, "memit", [3, 2], EditHyperParams(layers=(0,))).layers
+        (2, 3)
+    """
+    if method not in METHODS:
+        raise HyperParamError(f"`method`={method!r} is not one of {', '.join(METHODS)}")
+    adapter = ModelAdapter.for_model(model)
+    checked = _checked_layers(adapter, layers) if layers is not None else None
+    base = hparams if hparams is not None else EditHyperParams.for_model(model, method)
+    if checked is not None:
+        base = base.replace(layers=checked)
+    _checked_layers(adapter, base.layers)
+    return base
+
+
+def _checked_layers(adapter: ModelAdapter, layers: Sequence[int]) -> tuple[int, ...]:
+    """``layers`` sorted and de-duplicated, as a :class:`HyperParamError` when one lies outside the model."""
+    try:
+        return tuple(adapter.check_layers(list(layers)))
+    except ValueError as err:
+        raise HyperParamError(str(err)) from err
 
 
 #: Defaults chosen by the λ sweep on SmolLM2-135M + CounterFact (benchmarks/edit_quality.py,

@@ -45,7 +45,7 @@ from .hparams import METHODS, EditHyperParams
 __all__ = ["SEQUENTIAL_METHODS", "SequentialStep", "chain_batches", "chain_report", "edit_sequentially"]
 
 #: Methods :func:`edit_sequentially` accepts.
-SEQUENTIAL_METHODS = (*METHODS, "alphaedit")
+SEQUENTIAL_METHODS = METHODS
 
 
 @dataclass(frozen=True)
@@ -161,8 +161,7 @@ def edit_sequentially(
             f"the model's weights at layer(s) {changed} are not those the given history's {len(history)} batches "
             "left; pass the model the history was recorded on (or revert the edits made since)"
         )
-    base_method = "memit" if method == "alphaedit" else method
-    hp = hparams if hparams is not None else EditHyperParams.for_model(model, base_method)
+    hp = hparams if hparams is not None else EditHyperParams.for_model(model, method)
     if layers is not None:
         hp = hp.replace(layers=tuple(layers))
     threshold = float(threshold if threshold is not None else hp.extra.get("nullspace_threshold", DEFAULT_THRESHOLD))
