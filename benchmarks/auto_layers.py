@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lightning_kedit.editing import EditHyperParams, compute_edit
+from lightning_kedit.editing.target_cache import TargetCache
 from lightning_kedit.metrics import evaluate_requests
 from lightning_kedit.models import load_model
 from lightning_kedit.requests import load_requests
@@ -56,6 +57,7 @@ def main() -> None:
     )
     choose_seconds = time.perf_counter() - start
     default = list(EditHyperParams.for_model(model, "memit").layers)
+    targets = TargetCache()  # the default layers' targets are shared with edit_quality.py and kedit bench
     rows: dict[str, dict[str, Any]] = {"unedited": {**evaluate_requests(model, tokenizer, cases), "layers": None}}
     for name, layers in (("default", default), ("auto", auto)):
         if name == "auto" and auto == default:  # the same edit: nothing to recompute
@@ -63,7 +65,8 @@ def main() -> None:
             print("auto: the traced layers are the default ones", flush=True)
             continue
         start = time.perf_counter()
-        delta = compute_edit(model, tokenizer, cases, method="memit", layers=layers, progress=True)
+        delta = compute_edit(model, tokenizer, cases, method="memit", layers=layers, progress=True,
+                             target_cache=targets)
         edit_seconds = time.perf_counter() - start
         with delta.applied(model):
             rows[name] = {**evaluate_requests(model, tokenizer, cases), "layers": layers, "seconds": edit_seconds}
