@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stats-tokens", type=int, default=100_000)
     parser.add_argument("--ppl-tokens", type=int, default=20_000)
     parser.add_argument("--v-steps", type=int, default=None)
-    parser.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast for target values")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bfloat16 phase of the target values (default: where the CPU runs bfloat16 natively)")
     parser.add_argument("--rome", type=int, default=0, help="ROME single edits on the first N cases")
     parser.add_argument("--ft", action="store_true", help="also the FT baseline on the batch")
     parser.add_argument("--threads", type=int, default=None,

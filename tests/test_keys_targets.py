@@ -174,7 +174,7 @@ def test_targets_early_stop(tokenizer):
 def test_targets_batches_are_independent(tokenizer):
     """Splitting the requests into smaller batches (as for a batch too large for memory) changes nothing."""
     model = peaky("llama")
-    hp = EditHyperParams(layers=(2,), v_steps=6, stop_prob=0.999)
+    hp = EditHyperParams(layers=(2,), v_steps=6, stop_prob=0.999, v_bfloat16=False)
     together = compute_target_values(model, tokenizer, REQUESTS, 2, TEMPLATES, hp)
     apart = compute_target_values(model, tokenizer, REQUESTS, 2, TEMPLATES, hp.replace(batch_size=1))
     torch.testing.assert_close(together.delta, apart.delta, rtol=1e-3, atol=1e-4)
@@ -214,12 +214,66 @@ def test_targets_bfloat16_autocast_close_to_float32(tokenizer):
     torch.testing.assert_close(fast.prob, exact.prob, rtol=0.1, atol=0.0)
 
 
+def _prob_with_delta(model, tokenizer, request, templates, layer, delta):
+    """Like _direct_prob, with ``delta`` added to block ``layer``'s output at the subject's last token (float64)."""
+    model = copy.deepcopy(model).double().eval()
+    adapter = ModelAdapter.for_model(model)
+    nlls = []
+    for template in templates:
+        prompt, end = subject_char_end(request, template)
+        ids, subject = locate_token(tokenizer, prompt + " " + request.target_new, end)
+        n_prompt = len(tokenizer(prompt)["input_ids"])
+
+        def shift(module, args, output, subject=subject):
+            hidden = (output[0] if isinstance(output, tuple) else output).clone()
+            hidden[0, subject] += delta.double()
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        handle = adapter.block(layer).register_forward_hook(shift)
+        try:
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+        finally:
+            handle.remove()
+        nlls.append(-torch.stack([logp[i - 1, ids[i]] for i in range(n_prompt, len(ids))]).mean())
+    return float(torch.exp(-torch.stack(nlls).mean()))
+
+
+@pytest.mark.parametrize("model_type", sorted(PREFIX_CACHE_TYPES))
+def test_targets_bfloat16_phase_reports_exact_probability(model_type, tokenizer):
+    """The bfloat16 phase is judged again in the model's own arithmetic: the reported probability is exact."""
+    model = peaky(model_type)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    attention = model.config._attn_implementation
+    hp = EditHyperParams(layers=(1,), v_steps=6, v_lr=0.5, clamp_norm=50.0, stop_prob=0.999, v_bfloat16=True)
+    values = compute_target_values(model, tokenizer, REQUESTS, 1, TEMPLATES, hp)
+    assert torch.isfinite(values.delta).all() and values.delta.abs().sum() > 0
+    for i, request in enumerate(REQUESTS):
+        exact = _prob_with_delta(model, tokenizer, request, TEMPLATES, 1, values.delta[i])
+        assert float(values.prob[i]) == pytest.approx(exact, rel=1e-4)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model.config._attn_implementation == attention
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_tail_groups_cover_rows_once_within_waste():
+    lengths = torch.tensor([1, 7, 7, 3, 4, 4, 4, 2, 9, 1, 5, 6, 6, 6])
+    groups = replay_module.tail_groups(lengths, waste=0.25)
+    rows = torch.cat(groups).sort().values
+    assert torch.equal(rows, torch.arange(len(lengths)))
+    for group in groups:
+        width, real = int(lengths[group].max()), int(lengths[group].sum())
+        assert len(group) == 1 or width * len(group) <= 1.25 * real
+    assert len(replay_module.tail_groups(lengths, waste=0.0)) == len(lengths.unique())
+    assert len(replay_module.tail_groups(lengths, waste=10.0)) == 1
+
+
 @pytest.mark.parametrize("model_type", sorted(PREFIX_CACHE_TYPES))
 def test_prefix_cache_matches_full_replay(model_type, tokenizer, monkeypatch):
     """Replaying only the subject and later positions over a cached prefix gives the same δ as replaying all."""
     model = peaky(model_type)
     requests = [*REQUESTS, EditRequest("d", "{} is a", "Apple", "Toyota")]  # subject first: an empty prefix
-    hp = EditHyperParams(layers=(1,), v_steps=5, v_lr=0.5, clamp_norm=50.0, stop_prob=0.999)
+    hp = EditHyperParams(layers=(1,), v_steps=5, v_lr=0.5, clamp_norm=50.0, stop_prob=0.999, v_bfloat16=False)
     cached = compute_target_values(model, tokenizer, requests, 1, TEMPLATES, hp)
     monkeypatch.setattr(replay_module, "PREFIX_CACHE_TYPES", frozenset())
     full = compute_target_values(model, tokenizer, requests, 1, TEMPLATES, hp)

@@ -51,8 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for option, (_, kind, help_text) in _HPARAM_OPTIONS.items():
         parser.add_argument(f"--{option.replace('_', '-')}", dest=f"hp_{option}", type=kind, default=None,
                             help=f"{help_text} (default: per model)")
-    parser.add_argument("--bf16", dest="v_bfloat16", action="store_true", default=None,
-                        help="upper layers in bfloat16 autocast while optimising target values (faster)")
+    parser.add_argument("--bf16", dest="v_bfloat16", action=argparse.BooleanOptionalAction, default=None,
+                        help="optimise target values through bfloat16 copies of the upper layers first, then finish "
+                             "in float32 (default: when the CPU or GPU multiplies bfloat16 natively)")
     parser.add_argument("--no-eval", action="store_true", help="skip the before/after metrics")
     parser.add_argument("--progress", action="store_true", help="print progress to stderr")
 

@@ -73,8 +73,10 @@ class EditHyperParams:
         prefix_lengths: pairs ``(tokens, count)`` of model-generated context prefixes; a bare prompt is added.
         batch_size: requests whose target values are optimised in one forward/backward (memory bound).
         seed: seed of prefix generation.
-        v_bfloat16: run the upper layers in bfloat16 autocast while δ is optimised (about 2× faster on CPUs
-            with AVX-512 BF16 or AMX; δ, the loss and Adam stay in float32).
+        v_bfloat16: optimise δ through bfloat16 copies of the upper layers first, then judge and finish every
+            request in the model's own arithmetic (:mod:`.upper_blocks`); δ, the loss and Adam stay float32.
+            None (the default): when the device multiplies bfloat16 natively (a CUDA GPU with bfloat16, a CPU
+            with AVX-512 BF16 or AMX), about 2× faster end to end there; elsewhere float32 only.
         ft_norm_bound: L∞ bound on the fine-tuning change (method "ft").
         ft_steps: fine-tuning steps (method "ft").
         ft_lr: fine-tuning learning rate (method "ft").
@@ -94,7 +96,7 @@ class EditHyperParams:
     prefix_lengths: tuple[tuple[int, int], ...] = ((10, 5),)
     batch_size: int = 32
     seed: int = 0
-    v_bfloat16: bool = False
+    v_bfloat16: bool | None = None
     ft_norm_bound: float = 5e-4
     ft_steps: int = 25
     ft_lr: float = 5e-4

@@ -38,7 +38,7 @@ from transformers import DynamicCache
 from lightning_kedit.hooks import StopForward, first_tensor, run_until
 from lightning_kedit.models.adapters import ModelAdapter
 
-__all__ = ["PREFIX_CACHE_TYPES", "UpperReplay", "prepare_replays"]
+__all__ = ["PREFIX_CACHE_TYPES", "UpperReplay", "prepare_replays", "tail_groups"]
 
 #: Model types whose attention layers read and extend a ``DynamicCache``; each is checked against the full
 #: replay in tests/test_keys_targets.py. Other types replay every position of every row.
@@ -47,6 +47,9 @@ PREFIX_CACHE_TYPES = frozenset(
 )
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]
+
+#: The share of padding :func:`tail_groups` accepts to merge rows of neighbouring tail lengths.
+WASTE = 0.25
 
 
 @dataclass
@@ -101,12 +104,37 @@ def prepare_replays(
             model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
         rows = torch.arange(input_ids.shape[0])
         return [(rows, UpperReplay(hidden[0], torch.zeros_like(rows), calls))]
-    tail_length = attention_mask.sum(1) - subject_pos
     groups = []
-    for length in tail_length.unique().tolist():
-        rows = (tail_length == length).nonzero().squeeze(1)
+    for rows in tail_groups(attention_mask.sum(1) - subject_pos):
         groups.append((rows, _prefix_replay(model, adapter, input_ids[rows], attention_mask[rows], subject_pos[rows],
                                             layer, device)))
+    return groups
+
+
+def tail_groups(tail_length: torch.Tensor, waste: float = WASTE) -> list[torch.Tensor]:
+    """Rows grouped by tail length, neighbouring lengths merged while padding adds at most ``waste`` tokens.
+
+    Every group is one batch through the upper blocks at every step: a few larger groups use the matrix
+    kernels better than one group per length, at the price of a little padding (positions past a row's tail
+    are computed and never read).
+
+    Example:
+        >>> [g.tolist() for g in tail_groups(torch.tensor([3, 9, 3, 4, 2]))]
+        [[1], [0, 2, 3], [4]]
+    """
+    groups: list[torch.Tensor] = []
+    lengths = sorted(tail_length.unique().tolist(), reverse=True)
+    while lengths:
+        # Start from the longest length left and take shorter ones while the group's padding stays small.
+        width, chosen = lengths[0], [lengths[0]]
+        for length in lengths[1:]:
+            rows = torch.isin(tail_length, torch.tensor([*chosen, length]))
+            real = int(tail_length[rows].sum())
+            if width * int(rows.sum()) > (1 + waste) * real:
+                break
+            chosen.append(length)
+        groups.append(torch.isin(tail_length, torch.tensor(chosen)).nonzero().squeeze(1))
+        lengths = lengths[len(chosen) :]
     return groups
 
 

@@ -53,7 +53,12 @@ __all__ = ["CachedTarget", "TargetCache", "request_digest"]
 #: Hyper-parameters that do not change a request's target value (solver, fine-tuning and batching settings).
 _NOT_TARGET_FIELDS = frozenset({"batch_size", "mom2_weight", "lambda_relative", "ft_norm_bound", "ft_steps", "ft_lr"})
 #: Modules whose source code decides the target values (hashed into the settings digest).
-_CODE_MODULES = ("lightning_kedit.editing.targets", "lightning_kedit.editing.replay", "lightning_kedit.editing.keys")
+_CODE_MODULES = (
+    "lightning_kedit.editing.targets",
+    "lightning_kedit.editing.replay",
+    "lightning_kedit.editing.keys",
+    "lightning_kedit.editing.upper_blocks",
+)
 _DIGEST_CHARS = 24
 
 CachedTarget = tuple[torch.Tensor, float, int]

@@ -37,6 +37,7 @@ from lightning_kedit.requests import EditRequest
 from .hparams import EditHyperParams
 from .keys import SubjectNotFoundError, _pad, _pad_id, eval_mode, subject_char_end
 from .replay import prepare_replays
+from .upper_blocks import UpperBlocks, bfloat16_is_fast
 
 if TYPE_CHECKING:
     from .target_cache import TargetCache
@@ -146,20 +147,6 @@ def _build_batch(
     )
 
 
-def _logits(adapter: ModelAdapter, hidden: torch.Tensor) -> torch.Tensor:
-    """The LM head's logits for final hidden states ``hidden`` (final norm, OPT's projection, soft-capping)."""
-    model = adapter.model
-    out = adapter.final_norm()(hidden)
-    project_out = getattr(getattr(getattr(model, "model", None), "decoder", None), "project_out", None)
-    if project_out is not None:
-        out = project_out(out)
-    logits = adapter.lm_head()(out).float()
-    cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
-
-
 def compute_target_values(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -179,6 +166,8 @@ def compute_target_values(
     if not requests:
         raise KeditError("the request list is empty; give at least one edit request")
     hp = hparams or EditHyperParams()
+    if hp.v_bfloat16 is None:  # resolved here, so that caches and deltas record what ran
+        hp = hp.replace(v_bfloat16=bfloat16_is_fast(next(model.parameters()).device))
     if target_cache is not None:
         return target_cache.lookup_or_compute(
             model, tokenizer, requests, layer, templates, hp,
@@ -206,84 +195,156 @@ def _optimise(
     templates: Sequence[str],
     hp: EditHyperParams,
 ) -> TargetValues:
-    adapter = ModelAdapter.for_model(model)
-    device = next(model.parameters()).device
-    batch = _build_batch(tokenizer, requests, templates)
-    n, n_rows = len(requests), batch.rows_ids.shape[0]
     with eval_mode(model):
-        groups = prepare_replays(model, batch.rows_ids, batch.mask, batch.subject_pos, layer)
-        # Where each row lives: its group, its index in the group, and its subject within the replayed window.
-        group_of = torch.empty(n_rows, dtype=torch.long)
-        local_of = torch.empty(n_rows, dtype=torch.long)
-        offset = torch.empty(n_rows, dtype=torch.long)
-        for g, (rows, replay) in enumerate(groups):
-            group_of[rows], local_of[rows] = g, torch.arange(len(rows))
-            offset[rows] = batch.subject_pos[rows] - replay.start
-        label_pos = batch.label_pos - (batch.subject_pos - offset)[batch.label_row]
-        base = torch.stack([groups[int(group_of[r])][1].hidden[int(local_of[r]), int(offset[r])]
-                            for r in batch.bare_row]).float()
-        base_norm = base.norm(dim=-1).clamp_min(1e-6).cpu()
-        delta = torch.zeros(n, base.shape[-1], requires_grad=True)
+        problem = _TargetProblem(model, tokenizer, requests, layer, templates)
+        n = len(requests)
+        delta = torch.zeros(n, problem.base.shape[-1], requires_grad=True)
         optimizer = torch.optim.Adam([delta], lr=hp.v_lr)
-        done = torch.zeros(n, dtype=torch.bool)
-        prob = torch.zeros(n)
-        steps = torch.zeros(n, dtype=torch.long)
-        kl_init: torch.Tensor | None = None
-        blocks = [adapter.block(i) for i in range(layer + 1, adapter.num_layers)]
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=hp.v_bfloat16)
-        for step in range(max(hp.v_steps, 1)):
-            active = (~done).nonzero().squeeze(1)
-            # The final hidden state of every active row at every position the loss reads, group by group.
-            final: list[torch.Tensor | None] = [None] * len(groups)
-            for g, (rows, replay) in enumerate(groups):
-                local = (~done[batch.row_request[rows]]).nonzero().squeeze(1)
-                if not len(local):
-                    continue
-                h = replay.hidden[local.to(device)]
-                shift = torch.zeros_like(h)
-                owners = batch.row_request[rows[local]]
-                shift[torch.arange(len(local)), offset[rows[local]].to(device)] = delta[owners].to(h.dtype).to(device)
-                h = h + shift
-                with autocast:
-                    for block, (args, kwargs) in zip(blocks, replay.calls_for(local), strict=True):
-                        h = first_tensor(block(h, *args, **kwargs))
-                full = h.new_zeros((len(rows), *h.shape[1:]))
-                full[local.to(device)] = h.to(full.dtype)
-                final[g] = full
-            keep = ~done[batch.row_request[batch.label_row]]
-            label_h = _read(final, group_of, local_of, batch.label_row[keep], label_pos[keep])
-            log_probs = _logits(adapter, label_h).log_softmax(-1)
-            token_lp = log_probs.gather(1, batch.label_id[keep].to(device)[:, None]).squeeze(1).cpu()
-            owner = batch.row_request[batch.label_row[keep]]
-            nll = torch.zeros(n).index_add(0, owner, -token_lp * batch.label_weight[keep])
-            kl_rows = batch.kl_row[active]
-            kl_lp = _logits(adapter, _read(final, group_of, local_of, kl_rows, offset[kl_rows])).log_softmax(-1)
-            if kl_init is None:
-                kl_init = kl_lp.detach().cpu()
-            kl = (kl_init[active].exp() * (kl_init[active] - kl_lp.cpu())).sum(-1)
-            decay = (delta[active] ** 2).sum(-1) / base_norm[active] ** 2
-            loss_each = nll[active] + hp.kl_factor * kl + hp.weight_decay * decay
-            loss = loss_each.sum()
-            if not torch.isfinite(loss):
-                raise NonFiniteEditError(
-                    f"the target-value loss became {loss.item()} at step {step}; lower `v_lr` ({hp.v_lr})"
-                )
-            prob[active] = torch.exp(-nll[active].detach())
-            steps[active] = step
-            done[active[prob[active] >= hp.stop_prob]] = True
-            if step >= hp.v_steps - 1 or bool(done.all()):
-                break
-            (grad,) = torch.autograd.grad(loss, [delta])
-            frozen = delta.detach()[done].clone()
-            delta.grad = grad
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                delta[done] = frozen
-                limit = hp.clamp_norm * base_norm
-                norms = delta.norm(dim=-1).clamp_min(1e-12)
-                delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms))[:, None])
-    return TargetValues(delta=delta.detach().double(), prob=prob, steps=steps, layer=layer)
+        state = _Progress(n)
+        adapter = problem.adapter
+        if hp.v_bfloat16 and problem.dtype == torch.float32:
+            # Fast phase in bfloat16 (upper_blocks.py); then the model's own arithmetic judges every request
+            # again and finishes those that the bfloat16 arithmetic stopped too early.
+            _descend(problem, UpperBlocks.bfloat16_copy(adapter, layer), delta, optimizer, state, hp)
+            state.done.zero_()
+        _descend(problem, UpperBlocks.exact(adapter, layer), delta, optimizer, state, hp)
+    return TargetValues(delta=delta.detach().double(), prob=state.prob, steps=state.steps, layer=layer)
+
+
+class _Progress:
+    """Per request: the last measured target probability, the Adam updates of its δ, and whether it stopped."""
+
+    def __init__(self, n: int) -> None:
+        self.prob = torch.zeros(n)
+        self.steps = torch.zeros(n, dtype=torch.long)
+        self.done = torch.zeros(n, dtype=torch.bool)
+
+
+class _TargetProblem:
+    """The loss of the target-value optimisation for a batch of requests, given δ and the upper blocks to run."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        requests: Sequence[EditRequest],
+        layer: int,
+        templates: Sequence[str],
+    ) -> None:
+        self.adapter = ModelAdapter.for_model(model)
+        self.device = next(model.parameters()).device
+        self.batch = batch = _build_batch(tokenizer, requests, templates)
+        self.n = len(requests)
+        n_rows = batch.rows_ids.shape[0]
+        self.groups = prepare_replays(model, batch.rows_ids, batch.mask, batch.subject_pos, layer)
+        # Where each row lives: its group, its index in the group, and its subject within the replayed window.
+        self.group_of = torch.empty(n_rows, dtype=torch.long)
+        self.local_of = torch.empty(n_rows, dtype=torch.long)
+        self.offset = torch.empty(n_rows, dtype=torch.long)
+        for g, (rows, replay) in enumerate(self.groups):
+            self.group_of[rows], self.local_of[rows] = g, torch.arange(len(rows))
+            self.offset[rows] = batch.subject_pos[rows] - replay.start
+        self.label_pos = batch.label_pos - (batch.subject_pos - self.offset)[batch.label_row]
+        self.base = torch.stack([self.groups[int(self.group_of[r])][1].hidden[int(self.local_of[r]),
+                                                                              int(self.offset[r])]
+                                 for r in batch.bare_row]).float()
+        self.base_norm = self.base.norm(dim=-1).clamp_min(1e-6).cpu()
+        self.dtype = self.groups[0][1].hidden.dtype  # the model's own arithmetic
+
+    def final_states(self, delta: torch.Tensor, rows_on: torch.Tensor, upper: UpperBlocks) -> list[torch.Tensor | None]:
+        """The final hidden state of every row where ``rows_on`` holds, at every replayed position, by group."""
+        batch, device = self.batch, self.device
+        final: list[torch.Tensor | None] = [None] * len(self.groups)
+        for g, (rows, replay) in enumerate(self.groups):
+            local = rows_on[rows].nonzero().squeeze(1)
+            if not len(local):
+                continue
+            h = replay.hidden[local.to(device)]
+            shift = torch.zeros_like(h)
+            owners = batch.row_request[rows[local]]
+            shift[torch.arange(len(local)), self.offset[rows[local]].to(device)] = delta[owners].to(h.dtype).to(device)
+            h = h + shift
+            with upper.autocast():
+                for block, (args, kwargs) in zip(upper.blocks, replay.calls_for(local), strict=True):
+                    h = first_tensor(block(h, *args, **kwargs))
+            full = h.new_zeros((len(rows), *h.shape[1:]))
+            full[local.to(device)] = h
+            final[g] = full
+        return final
+
+    def kl_log_probs(
+        self, final: list[torch.Tensor | None], requests: torch.Tensor, upper: UpperBlocks
+    ) -> torch.Tensor:
+        """Log-probabilities at the end of the "{subject} is a" rows of ``requests``."""
+        rows = self.batch.kl_row[requests]
+        return upper.logits(_read(final, self.group_of, self.local_of, rows, self.offset[rows])).log_softmax(-1)
+
+    def kl_reference(self, upper: UpperBlocks) -> torch.Tensor:
+        """The unedited "{subject} is a" distributions, computed by the same arithmetic as the loss."""
+        with torch.no_grad():
+            rows_on = torch.zeros(self.batch.rows_ids.shape[0], dtype=torch.bool)
+            rows_on[self.batch.kl_row] = True
+            zero = torch.zeros(self.n, self.base.shape[-1])
+            final = self.final_states(zero, rows_on, upper)
+            return self.kl_log_probs(final, torch.arange(self.n), upper).cpu()
+
+    def nll(self, final: list[torch.Tensor | None], active: torch.Tensor, upper: UpperBlocks) -> torch.Tensor:
+        """Per request, the weighted mean NLL of its target tokens (zero for requests not ``active``)."""
+        batch = self.batch
+        keep = active[batch.row_request[batch.label_row]]
+        label_h = _read(final, self.group_of, self.local_of, batch.label_row[keep], self.label_pos[keep])
+        log_probs = upper.logits(label_h).log_softmax(-1)
+        token_lp = log_probs.gather(1, batch.label_id[keep].to(self.device)[:, None]).squeeze(1).cpu()
+        owner = batch.row_request[batch.label_row[keep]]
+        return torch.zeros(self.n).index_add(0, owner, -token_lp * batch.label_weight[keep])
+
+
+def _descend(
+    problem: _TargetProblem,
+    upper: UpperBlocks,
+    delta: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    state: _Progress,
+    hp: EditHyperParams,
+) -> None:
+    """Adam on δ through ``upper`` until every request is likely or has had ``hp.v_steps - 1`` updates.
+
+    Every request still running is evaluated first, so a second, exact phase after a fast one judges each request
+    again (also one whose updates are spent); updates count across phases (``state.steps``).
+    """
+    kl_init = problem.kl_reference(upper)
+    most = max(hp.v_steps, 1) - 1
+    done = state.done
+    while True:
+        active = (~done).nonzero().squeeze(1)
+        if not len(active):
+            return
+        final = problem.final_states(delta, ~done[problem.batch.row_request], upper)
+        nll = problem.nll(final, ~done, upper)
+        kl_lp = problem.kl_log_probs(final, active, upper).cpu()
+        kl = (kl_init[active].exp() * (kl_init[active] - kl_lp)).sum(-1)
+        decay = (delta[active] ** 2).sum(-1) / problem.base_norm[active] ** 2
+        loss = (nll[active] + hp.kl_factor * kl + hp.weight_decay * decay).sum()
+        if not torch.isfinite(loss):
+            raise NonFiniteEditError(
+                f"the target-value loss became {loss.item()} at step {int(state.steps[active].max())}; "
+                f"lower `v_lr` ({hp.v_lr})"
+            )
+        state.prob[active] = torch.exp(-nll[active].detach())
+        done[active[(state.prob[active] >= hp.stop_prob) | (state.steps[active] >= most)]] = True
+        if bool(done.all()):
+            return
+        (grad,) = torch.autograd.grad(loss, [delta])
+        frozen = delta.detach()[done].clone()
+        delta.grad = grad
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.steps[~done] += 1
+        with torch.no_grad():
+            delta[done] = frozen
+            limit = hp.clamp_norm * problem.base_norm
+            norms = delta.norm(dim=-1).clamp_min(1e-12)
+            delta.mul_(torch.where(norms > limit, limit / norms, torch.ones_like(norms))[:, None])
 
 
 def _read(
