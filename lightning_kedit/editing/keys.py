@@ -171,20 +171,23 @@ def subject_states(
     layers = sorted(set(int(i) for i in key_layers))
     deepest = max(layers + ([out_layer] if out_layer is not None else []))
     device = next(model.parameters()).device
-    texts, ends, owners = [], [], []
+    # Only the tokens up to the subject's last token matter (attention is causal): rows are cut there, sorted by
+    # length and batched, so that little padding is computed.
+    located: list[tuple[list[int], int, int]] = []
     for r, request in enumerate(requests):
         for template in templates:
             text, end = subject_char_end(request, template)
-            texts.append(text)
-            ends.append(end)
-            owners.append(r)
+            ids, index = locate_token(tokenizer, text, end)
+            located.append((ids[: index + 1], index, r))
+    located.sort(key=lambda row: len(row[0]))
     sums = {layer: torch.zeros(len(requests), adapter.key_size, dtype=torch.float64) for layer in layers}
     out_sum = torch.zeros(len(requests), adapter.value_size, dtype=torch.float64) if out_layer is not None else None
-    owner = torch.tensor(owners)
+    pad_id = _pad_id(tokenizer)
     with eval_mode(model):
-        for start in range(0, len(texts), batch_size):
-            rows = tokenize_rows(tokenizer, texts[start : start + batch_size], ends[start : start + batch_size])
-            who = owner[start : start + batch_size]
+        for start in range(0, len(located), batch_size):
+            chunk = located[start : start + batch_size]
+            rows = _pad([ids for ids, _, _ in chunk], [index for _, index, _ in chunk], pad_id)
+            who = torch.tensor([owner for _, _, owner in chunk])
             in_hooks = {adapter.mlp_out(layer): _accumulator(sums[layer], who, rows) for layer in layers}
             out_hooks = {}
             if out_sum is not None and out_layer is not None:
