@@ -13,6 +13,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--lambdas", default="15000,4000,1000", help="absolute λ values (C = E[k kᵀ])")
     parser.add_argument("--relative", default="", help="λ values relative to mean(diag C)")
+    parser.add_argument("--bare-weights", default="default",
+                        help="shares of the bare prompt in the averaged keys to cross with λ ('uniform': all "
+                             "templates alike; 'default': the model's default)")
     parser.add_argument("--stats-tokens", type=int, default=100_000)
     parser.add_argument("--ppl-tokens", type=int, default=20_000)
     parser.add_argument("--v-steps", type=int, default=None)
@@ -81,10 +85,15 @@ def main(argv: list[str] | None = None) -> int:
                                    target_cache=cache)
     target_seconds = time.perf_counter() - tick
     print(f"targets: {target_seconds:.0f} s, mean prob {float(values.prob.mean()):.3f}", flush=True)
-    settings = [(f"memit λ={x}", hp.replace(mom2_weight=float(x), lambda_relative=False))
-                for x in args.lambdas.split(",") if x]
-    settings += [(f"memit λ={x}·mean(diag C)", hp.replace(mom2_weight=float(x), lambda_relative=True))
-                 for x in args.relative.split(",") if x]
+    settings = []
+    for bare in args.bare_weights.split(","):
+        weighted = hp if bare == "default" else dataclasses.replace(
+            hp, bare_weight=None if bare == "uniform" else float(bare))
+        tag = "" if bare == "default" else f", bare {bare}"
+        settings += [(f"memit λ={x}{tag}", weighted.replace(mom2_weight=float(x), lambda_relative=False))
+                     for x in args.lambdas.split(",") if x]
+        settings += [(f"memit λ={x}·mean(diag C){tag}", weighted.replace(mom2_weight=float(x), lambda_relative=True))
+                     for x in args.relative.split(",") if x]
     for name, setting in settings:
         tick = time.perf_counter()
         factors, _ = memit_updates(model, tokenizer, requests, stats, setting, templates=templates,

@@ -10,7 +10,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 
 from lightning_kedit.editing import replay as replay_module
 from lightning_kedit.editing.hparams import EditHyperParams, HyperParamError
-from lightning_kedit.editing.keys import locate_token, subject_char_end, subject_states
+from lightning_kedit.editing.keys import locate_token, subject_char_end, subject_states, template_weights
 from lightning_kedit.editing.prefixes import context_templates, generate_prefixes
 from lightning_kedit.editing.replay import PREFIX_CACHE_TYPES
 from lightning_kedit.editing.targets import compute_target_values
@@ -64,14 +64,15 @@ def test_subject_char_end_with_template():
     assert text[:end].endswith("Danielle Darrieux")
 
 
-def _naive_states(model, tokenizer, layer, out_layer):
+def _naive_states(model, tokenizer, layer, out_layer, weights=None):
     """One prompt at a time, in float64, locating the subject by tokenising the text up to it."""
+    weights = weights or [1.0 / len(TEMPLATES)] * len(TEMPLATES)
     model = copy.deepcopy(model).double().eval()
     adapter = ModelAdapter.for_model(model)
     keys, outs = [], []
     for request in REQUESTS:
         k_sum, o_sum = 0.0, 0.0
-        for template in TEMPLATES:
+        for template, weight in zip(TEMPLATES, weights, strict=True):
             text, end = subject_char_end(request, template)
             pos = len(tokenizer(text[:end])["input_ids"]) - 1
             seen: dict[str, torch.Tensor] = {}
@@ -82,12 +83,12 @@ def _naive_states(model, tokenizer, layer, out_layer):
             with torch.no_grad():
                 model(input_ids=torch.tensor([tokenizer(text)["input_ids"]]))
             k = seen["k"].reshape(1, -1, seen["k"].shape[-1])
-            k_sum = k_sum + k[0, pos]
-            o_sum = o_sum + seen["o"][0, pos]
+            k_sum = k_sum + weight * k[0, pos]
+            o_sum = o_sum + weight * seen["o"][0, pos]
             adapter.mlp_out(layer)._forward_pre_hooks.clear()
             adapter.block(out_layer)._forward_hooks.clear()
-        keys.append(k_sum / len(TEMPLATES))
-        outs.append(o_sum / len(TEMPLATES))
+        keys.append(k_sum)
+        outs.append(o_sum)
     return torch.stack(keys), torch.stack(outs)
 
 
@@ -99,6 +100,21 @@ def test_keys_match_naive_float64(model_type, tokenizer):
     assert states.keys[1].dtype == torch.float64
     torch.testing.assert_close(states.keys[1], keys, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(states.outputs, outs, rtol=1e-4, atol=1e-5)
+
+
+def test_keys_weighted_by_template_match_naive_float64(tokenizer):
+    model = tiny_model("llama").eval()
+    weights = template_weights(TEMPLATES, 0.5)
+    assert weights == [0.5, 0.25, 0.25]
+    states = subject_states(model, tokenizer, REQUESTS, TEMPLATES, key_layers=[1], out_layer=2, weights=weights)
+    keys, outs = _naive_states(model, tokenizer, 1, 2, weights)
+    torch.testing.assert_close(states.keys[1], keys, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(states.outputs, outs, rtol=1e-4, atol=1e-5)
+    assert template_weights(TEMPLATES, None) is None
+    with pytest.raises(KeditError, match="weights"):
+        subject_states(model, tokenizer, REQUESTS, TEMPLATES, key_layers=[1], weights=[1.0])
+    with pytest.raises(HyperParamError, match="bare_weight"):
+        EditHyperParams(bare_weight=1.5)
 
 
 def test_subject_states_empty_requests(tokenizer):

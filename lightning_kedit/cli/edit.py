@@ -31,6 +31,7 @@ _HPARAM_OPTIONS: dict[str, tuple[str, type, str]] = {
     "stop_prob": ("stop_prob", float, "stop a request once its target's probability exceeds this"),
     "batch_size": ("batch_size", int, "requests optimised together (memory)"),
     "seed": ("seed", int, "seed of the context prefixes"),
+    "bare_weight": ("bare_weight", float, "share of the bare prompt in the template-averaged keys"),
 }
 
 

@@ -37,7 +37,7 @@ from lightning_kedit.requests import EditRequest
 from .delta import EditDelta
 from .history import EditHistory
 from .hparams import DEFAULT_ALPHA, DEFAULT_NULLSPACE_THRESHOLD, EditHyperParams, HyperParamError, resolve_hparams
-from .keys import eval_mode, subject_states
+from .keys import eval_mode, subject_states, template_weights
 from .memit import PhaseTimer, add_to_weight, check_statistics, temporary_updates
 from .nullspace import alphaedit_factors, null_space_basis
 from .prefixes import context_templates
@@ -107,8 +107,10 @@ def alphaedit_updates(
     last = layers[-1]
     with timer.phase("prefixes"):
         templates = context_templates(model, tokenizer, hparams.prefix_lengths, seed=hparams.seed)
+    weights = template_weights(templates, hparams.bare_weight)
     with timer.phase("keys"):
-        states = subject_states(model, tokenizer, requests, templates, key_layers=[layers[0]], out_layer=last)
+        states = subject_states(model, tokenizer, requests, templates, key_layers=[layers[0]], out_layer=last,
+                                weights=weights)
     with timer.phase("targets"):
         values = compute_target_values(model, tokenizer, requests, last, templates, hparams, progress=progress)
     with timer.phase("nullspace"):
@@ -123,7 +125,8 @@ def alphaedit_updates(
         for i, layer in enumerate(layers):
             if i > 0:
                 with timer.phase("keys"):
-                    states = subject_states(model, tokenizer, requests, templates, key_layers=[layer], out_layer=last)
+                    states = subject_states(model, tokenizer, requests, templates, key_layers=[layer], out_layer=last,
+                                            weights=weights)
             assert states.outputs is not None
             with timer.phase("solve"):
                 residuals = spread_residuals(z, states.outputs, len(layers) - i)

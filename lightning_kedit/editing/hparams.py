@@ -71,6 +71,8 @@ class EditHyperParams:
         weight_decay: weight of ``‖δ‖² / ‖h‖²``.
         stop_prob: a request stops optimising once its target's mean token probability exceeds this.
         prefix_lengths: pairs ``(tokens, count)`` of model-generated context prefixes; a bare prompt is added.
+        bare_weight: share of the bare prompt in the template-averaged keys and hidden states (the prefixed
+            prompts share the rest evenly); None weighs every template the same.
         batch_size: requests whose target values are optimised in one forward/backward (memory bound).
         seed: seed of prefix generation.
         v_bfloat16: optimise δ through bfloat16 copies of the upper layers first, then judge and finish every
@@ -94,6 +96,7 @@ class EditHyperParams:
     weight_decay: float = 1e-3
     stop_prob: float = 0.95
     prefix_lengths: tuple[tuple[int, int], ...] = ((10, 5),)
+    bare_weight: float | None = None
     batch_size: int = 32
     seed: int = 0
     v_bfloat16: bool | None = None
@@ -121,6 +124,8 @@ class EditHyperParams:
         for name, value in non_negative.items():
             if not value >= 0:
                 raise HyperParamError(f"`{name}` must be >= 0, got {value}")
+        if self.bare_weight is not None and not 0 <= self.bare_weight <= 1:
+            raise HyperParamError(f"`bare_weight` must lie in [0, 1], got {self.bare_weight}")
         if not 0 < self.stop_prob <= 1:
             raise HyperParamError(f"`stop_prob` must lie in (0, 1], got {self.stop_prob}")
         for length, count in self.prefix_lengths:

@@ -34,6 +34,7 @@ __all__ = [
     "locate_token",
     "subject_char_end",
     "subject_states",
+    "template_weights",
     "tokenize_rows",
 ]
 
@@ -137,14 +138,16 @@ def _pad(rows: list[list[int]], positions: list[int], pad_id: int) -> TokenRows:
     return TokenRows(ids, mask, torch.tensor(positions, dtype=torch.long), lengths)
 
 
-def _accumulator(store: torch.Tensor, owners: torch.Tensor, rows: TokenRows) -> Callable[[torch.Tensor], None]:
-    """A hook body adding each row's state at its subject position into ``store[owner]``."""
+def _accumulator(
+    store: torch.Tensor, owners: torch.Tensor, rows: TokenRows, weights: torch.Tensor
+) -> Callable[[torch.Tensor], None]:
+    """A hook body adding each row's state at its subject position, times its weight, into ``store[owner]``."""
     pick = torch.arange(len(rows.subject_pos))
 
     def accumulate(x: torch.Tensor) -> None:
         if x.ndim == 2:  # OPT flattens (batch, time) before its MLP
             x = x.view(*rows.input_ids.shape, -1)
-        store.index_add_(0, owners, x[pick, rows.subject_pos.to(x.device)].double().cpu())
+        store.index_add_(0, owners, x[pick, rows.subject_pos.to(x.device)].double().cpu() * weights[:, None])
 
     return accumulate
 
@@ -159,11 +162,13 @@ def subject_states(
     key_layers: Sequence[int],
     out_layer: int | None = None,
     batch_size: int = 64,
+    weights: Sequence[float] | None = None,
 ) -> SubjectStates:
     """Keys of ``key_layers`` and the output of block ``out_layer`` at each request's subject's last token.
 
-    Both are averaged over the ``templates`` (``"{}"`` is the bare prompt) and returned in float64, one row
-    per request. The forward pass stops after the deepest layer needed.
+    Both are averaged over the ``templates`` (``"{}"`` is the bare prompt), with ``weights`` (one per template,
+    see :func:`template_weights`; uniform when None), and returned in float64, one row per request. The forward
+    pass stops after the deepest layer needed.
     """
     if not requests:
         raise KeditError("the request list is empty; give at least one edit request")
@@ -173,12 +178,16 @@ def subject_states(
     device = next(model.parameters()).device
     # Only the tokens up to the subject's last token matter (attention is causal): rows are cut there, sorted by
     # length and batched, so that little padding is computed.
-    located: list[tuple[list[int], int, int]] = []
+    located: list[tuple[list[int], int, int, int]] = []
+    share = torch.tensor(list(weights) if weights is not None else [1.0] * len(templates), dtype=torch.float64)
+    if share.shape != (len(templates),) or not bool((share >= 0).all()) or not float(share.sum()) > 0:
+        raise KeditError(f"`weights` must hold one non-negative weight per template ({len(templates)}), got {weights}")
+    share = share / share.sum()
     for r, request in enumerate(requests):
-        for template in templates:
+        for t, template in enumerate(templates):
             text, end = subject_char_end(request, template)
             ids, index = locate_token(tokenizer, text, end)
-            located.append((ids[: index + 1], index, r))
+            located.append((ids[: index + 1], index, r, t))
     located.sort(key=lambda row: len(row[0]))
     sums = {layer: torch.zeros(len(requests), adapter.key_size, dtype=torch.float64) for layer in layers}
     out_sum = torch.zeros(len(requests), adapter.value_size, dtype=torch.float64) if out_layer is not None else None
@@ -186,12 +195,13 @@ def subject_states(
     with eval_mode(model):
         for start in range(0, len(located), batch_size):
             chunk = located[start : start + batch_size]
-            rows = _pad([ids for ids, _, _ in chunk], [index for _, index, _ in chunk], pad_id)
-            who = torch.tensor([owner for _, _, owner in chunk])
-            in_hooks = {adapter.mlp_out(layer): _accumulator(sums[layer], who, rows) for layer in layers}
+            rows = _pad([row[0] for row in chunk], [row[1] for row in chunk], pad_id)
+            who = torch.tensor([row[2] for row in chunk])
+            weight = share[[row[3] for row in chunk]]
+            in_hooks = {adapter.mlp_out(layer): _accumulator(sums[layer], who, rows, weight) for layer in layers}
             out_hooks = {}
             if out_sum is not None and out_layer is not None:
-                out_hooks = {adapter.block(out_layer): _accumulator(out_sum, who, rows)}
+                out_hooks = {adapter.block(out_layer): _accumulator(out_sum, who, rows, weight)}
             with input_hooks(in_hooks), output_hooks(out_hooks):
                 run_until(
                     model,
@@ -200,8 +210,21 @@ def subject_states(
                     attention_mask=rows.attention_mask.to(device),
                     use_cache=False,
                 )
-    count = float(len(templates))
-    return SubjectStates(
-        keys={layer: total / count for layer, total in sums.items()},
-        outputs=None if out_sum is None else out_sum / count,
-    )
+    return SubjectStates(keys=sums, outputs=out_sum)
+
+
+def template_weights(templates: Sequence[str], bare_weight: float | None) -> list[float] | None:
+    """Per template, its share in averaged keys: ``bare_weight`` for the bare prompt ``"{}"``, the rest split
+    evenly over the prefixed templates (the reference MEMIT code averages per kind of context, which gives the
+    bare prompt 0.5). None: every template weighs the same.
+
+    Example:
+        >>> template_weights(["{}", "A. {}", "B. {}"], 0.5)
+        [0.5, 0.25, 0.25]
+    """
+    if bare_weight is None or len(templates) < 2 or "{}" not in templates:
+        return None
+    if not 0 <= bare_weight <= 1:
+        raise KeditError(f"`bare_weight` must lie in [0, 1], got {bare_weight}")
+    rest = (1 - bare_weight) / (len(templates) - 1)
+    return [bare_weight if template == "{}" else rest for template in templates]

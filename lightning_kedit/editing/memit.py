@@ -34,7 +34,7 @@ from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.requests import EditRequest
 
 from .hparams import EditHyperParams
-from .keys import subject_states
+from .keys import subject_states, template_weights
 from .prefixes import context_templates
 from .solvers import LowRankUpdate, memit_factors, spread_residuals
 from .targets import NonFiniteEditError, TargetValues, compute_target_values
@@ -145,8 +145,10 @@ def memit_updates(
         templates = list(templates) if templates is not None else context_templates(
             model, tokenizer, hparams.prefix_lengths, seed=hparams.seed
         )
+    weights = template_weights(templates, hparams.bare_weight)
     with timer.phase("keys"):
-        states = subject_states(model, tokenizer, requests, templates, key_layers=[layers[0]], out_layer=last)
+        states = subject_states(model, tokenizer, requests, templates, key_layers=[layers[0]], out_layer=last,
+                                weights=weights)
     with timer.phase("targets"):
         values = compute_target_values(
             model, tokenizer, requests, last, templates, hparams, progress=progress, target_cache=target_cache
@@ -159,7 +161,7 @@ def memit_updates(
             if i > 0:
                 with timer.phase("keys"):
                     states = subject_states(
-                        model, tokenizer, requests, templates, key_layers=[layer], out_layer=last
+                        model, tokenizer, requests, templates, key_layers=[layer], out_layer=last, weights=weights
                     )
             assert states.outputs is not None
             with timer.phase("solve"):

@@ -29,7 +29,7 @@ from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.requests import EditRequest
 
 from .hparams import EditHyperParams, HyperParamError
-from .keys import subject_states
+from .keys import subject_states, template_weights
 from .memit import PhaseTimer, check_statistics
 from .prefixes import context_templates
 from .solvers import LowRankUpdate, rome_factors
@@ -65,7 +65,8 @@ def rome_updates(
             model, tokenizer, hparams.prefix_lengths, seed=hparams.seed
         )
     with timer.phase("keys"):
-        keys = subject_states(model, tokenizer, requests, templates, key_layers=[layer]).keys[layer]
+        weights = template_weights(templates, hparams.bare_weight)
+        keys = subject_states(model, tokenizer, requests, templates, key_layers=[layer], weights=weights).keys[layer]
     with timer.phase("targets"):
         values = compute_target_values(
             model, tokenizer, requests, layer, templates, hparams, progress=progress, target_cache=target_cache

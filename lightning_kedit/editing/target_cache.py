@@ -51,7 +51,9 @@ from lightning_kedit.requests import EditRequest
 __all__ = ["CachedTarget", "TargetCache", "request_digest"]
 
 #: Hyper-parameters that do not change a request's target value (solver, fine-tuning and batching settings).
-_NOT_TARGET_FIELDS = frozenset({"batch_size", "mom2_weight", "lambda_relative", "ft_norm_bound", "ft_steps", "ft_lr"})
+_NOT_TARGET_FIELDS = frozenset(
+    {"batch_size", "mom2_weight", "lambda_relative", "bare_weight", "ft_norm_bound", "ft_steps", "ft_lr"}
+)
 #: Modules whose source code decides the target values (hashed into the settings digest).
 _CODE_MODULES = (
     "lightning_kedit.editing.targets",
