@@ -1,19 +1,22 @@
 """Edit quality on SmolLM2 + CounterFact: MEMIT λ sweep (one batch), ROME single edits, FT baseline.
 
-Target values do not depend on λ or on the statistics, so the MEMIT sweep optimises them once (a
-``TargetCache`` beside the output) and re-solves per setting. Each setting is applied, evaluated (efficacy,
+Target values do not depend on λ, the statistics, the bare prompt's weight or the edit layers below the last one,
+so the MEMIT sweep (λ × ``--bare-weights`` × ``--layer-sets``) optimises them once (through the user's
+``TargetCache``) and re-solves per setting. Each setting is applied, evaluated (efficacy,
 paraphrase, neighbourhood, perplexity on the first ``--ppl-tokens`` tokens of WikiText-2 test in 512-token
 windows) and reverted.
 
 Usage:
     python benchmarks/edit_quality.py --n 100 --lambdas 15000,4000,1000 --relative 5,20 --rome 50 --ft \\
         --out benchmarks/results/edit_quality.json
+    python benchmarks/edit_quality.py --n 100 --lambdas 8000,4000 --layer-sets 4-8,3-8,2-8 --bare-weights uniform,0.5
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -31,6 +34,17 @@ def _evaluate(model: Any, tokenizer: Any, requests: list[Any], ppl_tokens: int) 
     return evaluate_requests(model, tokenizer, requests, ppl_text=ppl_text, ppl_tokens=ppl_tokens)
 
 
+class _Precomputed:
+    """Stands in for a TargetCache: the target values of the requests, computed once at the last edit layer."""
+
+    def __init__(self, values: Any) -> None:
+        self.values = values
+
+    def lookup_or_compute(self, model: Any, tokenizer: Any, requests: Any, layer: int, *rest: Any) -> Any:
+        assert layer == self.values.layer and len(requests) == self.values.delta.shape[0]
+        return self.values
+
+
 def _row(name: str, metrics: dict[str, Any], seconds: float) -> dict[str, Any]:
     keys = ("efficacy", "paraphrase", "neighborhood", "perplexity")
     return {"setting": name, **{k: metrics.get(k) for k in keys}, "seconds": round(seconds, 1)}
@@ -44,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bare-weights", default="default",
                         help="shares of the bare prompt in the averaged keys to cross with λ ('uniform': all "
                              "templates alike; 'default': the model's default)")
+    parser.add_argument("--layer-sets", default="default",
+                        help="edit layer ranges ending at the default's last layer, e.g. 4-8,3-8 (they share the "
+                             "target values); 'default': the model's default")
     parser.add_argument("--stats-tokens", type=int, default=100_000)
     parser.add_argument("--ppl-tokens", type=int, default=20_000)
     parser.add_argument("--v-steps", type=int, default=None)
@@ -71,8 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model("smollm2")
     requests = load_requests(DATA / "counterfact" / "counterfact-val.json", args.n)
     hp = EditHyperParams.for_model(model, "memit").replace(v_steps=args.v_steps, v_bfloat16=args.bf16)
+    layer_sets = {"default": hp.layers}
+    for spec in args.layer_sets.split(","):
+        if spec != "default":
+            first, last = (int(x) for x in spec.split("-"))
+            if last != hp.layers[-1]:
+                parser.error(f"--layer-sets {spec}: must end at the default's last layer {hp.layers[-1]}")
+            layer_sets[spec] = tuple(range(first, last + 1))
+    stats_layers = sorted({layer for spec in args.layer_sets.split(",") for layer in layer_sets[spec]})
     corpus = DATA / "text" / "enwiki_sample_gensim.txt"
-    stats = load_or_collect_statistics(model, tokenizer, list(hp.layers), source=corpus, max_tokens=args.stats_tokens)
+    stats = load_or_collect_statistics(model, tokenizer, stats_layers, source=corpus, max_tokens=args.stats_tokens)
     rows = []
     tick = time.perf_counter()
     rows.append(_row("unedited", _evaluate(model, tokenizer, requests, args.ppl_tokens), time.perf_counter() - tick))
@@ -86,18 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     target_seconds = time.perf_counter() - tick
     print(f"targets: {target_seconds:.0f} s, mean prob {float(values.prob.mean()):.3f}", flush=True)
     settings = []
-    for bare in args.bare_weights.split(","):
-        weighted = hp if bare == "default" else dataclasses.replace(
-            hp, bare_weight=None if bare == "uniform" else float(bare))
-        tag = "" if bare == "default" else f", bare {bare}"
+    for spec, bare in itertools.product(args.layer_sets.split(","), args.bare_weights.split(",")):
+        weighted = hp.replace(layers=layer_sets[spec])
+        if bare != "default":
+            weighted = dataclasses.replace(weighted, bare_weight=None if bare == "uniform" else float(bare))
+        tag = ("" if spec == "default" else f", layers {spec}") + ("" if bare == "default" else f", bare {bare}")
         settings += [(f"memit λ={x}{tag}", weighted.replace(mom2_weight=float(x), lambda_relative=False))
                      for x in args.lambdas.split(",") if x]
         settings += [(f"memit λ={x}·mean(diag C){tag}", weighted.replace(mom2_weight=float(x), lambda_relative=True))
                      for x in args.relative.split(",") if x]
+    precomputed = _Precomputed(values)  # δ depends on the last layer only: every layer set reuses it
     for name, setting in settings:
         tick = time.perf_counter()
         factors, _ = memit_updates(model, tokenizer, requests, stats, setting, templates=templates,
-                                   target_cache=cache)
+                                   target_cache=precomputed)  # type: ignore[arg-type]
         delta = EditDelta.from_model(model, factors, method="memit", hparams=setting.to_dict())
         with delta.applied(model):
             metrics = _evaluate(model, tokenizer, requests, args.ppl_tokens)
