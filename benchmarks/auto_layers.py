@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--trace-requests", default=str(DATA / "counterfact-train.json"), help="facts to trace")
     parser.add_argument("--n", type=int, default=100, help="edited cases (one MEMIT batch)")
     parser.add_argument("--trace-n", type=int, default=50, help="facts averaged to choose the layers")
-    parser.add_argument("--window", type=int, default=5, help="number of edit layers")
+    parser.add_argument("--window", type=int, default=None, help="number of edit layers (default: the default's)")
     parser.add_argument("--samples", type=int, default=10, help="noise draws per traced cell")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
@@ -51,12 +51,13 @@ def main() -> None:
     cases = load_requests(args.requests, skip_invalid=True)[: args.n]
     facts = load_requests(args.trace_requests, skip_invalid=True)
 
+    default = list(EditHyperParams.for_model(model, "memit").layers)
     start = time.perf_counter()
     auto = choose_edit_layers(
-        model, tokenizer, facts, window=args.window, n=args.trace_n, samples=args.samples, progress=True
+        model, tokenizer, facts, window=args.window or len(default), n=args.trace_n, samples=args.samples,
+        progress=True,
     )
     choose_seconds = time.perf_counter() - start
-    default = list(EditHyperParams.for_model(model, "memit").layers)
     targets = TargetCache()  # the default layers' targets are shared with edit_quality.py and kedit bench
     rows: dict[str, dict[str, Any]] = {"unedited": {**evaluate_requests(model, tokenizer, cases), "layers": None}}
     for name, layers in (("default", default), ("auto", auto)):

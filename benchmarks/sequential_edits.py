@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ppl-text", default=str(DATA / "text" / "wikitext2_test.txt"))
     parser.add_argument("--ppl-tokens", type=int, default=5000)
     parser.add_argument("--no-unedited", action="store_true", help="skip the unedited rows (another run has them)")
+    parser.add_argument("--eval-at", default=None,
+                        help="comma-separated numbers of edits after which to evaluate (default: after every batch; "
+                             "the last batch is always evaluated)")
     parser.add_argument("--out", default="benchmarks/results/sequential_edits.json")
     return parser.parse_args(argv)
 
@@ -109,9 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     def save() -> None:
         out.write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
 
+    checkpoints = list(range(args.batch_size, args.n + 1, args.batch_size))
+    if args.eval_at:
+        wanted = {int(x) for x in args.eval_at.split(",") if x}
+        checkpoints = [c for c in checkpoints if c in wanted or c == checkpoints[-1]]
     print(" | ".join(COLUMNS))
     unedited_ppl = None
-    for edits in range(args.batch_size, args.n + 1, args.batch_size) if not args.no_unedited else ():
+    for edits in checkpoints if not args.no_unedited else ():
         metrics, eval_s = evaluate(model, tokenizer, requests[:edits], args, ppl=unedited_ppl is None)
         unedited_ppl = metrics["perplexity"] = metrics["perplexity"] or unedited_ppl  # the same for every count
         rows.append(row("unedited", edits, metrics, 0.0, eval_s))
@@ -126,6 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         before = {layer: adapter.weight(layer).detach().clone() for layer in range(adapter.num_layers)}
 
         def on_batch(step: SequentialStep, method: str = method) -> None:
+            if step.edits not in checkpoints:
+                print(f"{method}: {step.edits} edits written ({step.seconds:.0f} s)", flush=True)
+                return
             metrics, eval_s = evaluate(model, tokenizer, requests[: step.edits], args)
             rows.append(row(method, step.edits, metrics, step.seconds, eval_s))
             print_row(rows[-1])
