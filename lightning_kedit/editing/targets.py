@@ -12,6 +12,11 @@ is likely. Blocks ``0..L`` do not depend on δ: they run once, and every step re
 cached hidden states with the same arguments the model passed them (captured by a pre-hook), then the final
 norm and the LM head on the few positions the loss reads.
 
+With ``v_bfloat16`` (by default where the device multiplies bfloat16 natively), a first phase runs bfloat16
+copies of the upper blocks (:mod:`.upper_blocks`); then the model's own arithmetic evaluates every request again
+and continues those below ``stop_prob``, so the reported probabilities and the stopping rule are exact. A request
+gets at most ``v_steps − 1`` Adam updates over both phases.
+
 Example:
     >>> values = compute_target_values(model, tokenizer, requests, layer=8, templates=["{}"])  # doctest: +SKIP
     >>> values.delta.shape, float(values.prob.min()) > 0.5  # doctest: +SKIP
