@@ -54,13 +54,37 @@ def test_basis_is_the_small_eigenvalue_eigenspace():
     c = torch.diag(torch.tensor([4.0, 1.0, 0.05, 0.001, 0.0], dtype=torch.float64))
     rotation, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64, generator=rng()))
     c = rotation @ c @ rotation.T
-    basis = null_space_basis(c, threshold=1e-2)  # below 0.04: the last two
+    basis = null_space_basis(c, threshold=1e-2, rule="eigenvalue")  # below 0.04: the last two
     assert basis.shape == (5, 2)
     torch.testing.assert_close(basis.T @ basis, torch.eye(2, dtype=torch.float64))
     torch.testing.assert_close(basis @ basis.T, rotation[:, 3:] @ rotation[:, 3:].T)
-    assert null_space_basis(c, threshold=1e-1).shape == (5, 3)
-    p = null_space_projection(c, threshold=1e-2)
+    assert null_space_basis(c, threshold=1e-1, rule="eigenvalue").shape == (5, 3)
+    p = null_space_projection(c, threshold=1e-2, rule="eigenvalue")
     torch.testing.assert_close(p @ p, p)
+
+
+def test_energy_rule_bounds_the_preserved_energy_whatever_the_spectrum():
+    """The energy rule keeps the smallest directions holding at most `threshold` of trace C (a naive loop)."""
+    # One outlier direction, as in SmolLM2's MLP keys: the eigenvalue rule would take nearly everything.
+    values = torch.cat([torch.tensor([400.0]), torch.linspace(0.5, 1.5, 99)]).double()
+    rotation, _ = torch.linalg.qr(torch.randn(100, 100, dtype=torch.float64, generator=rng(3)))
+    c = rotation @ torch.diag(values) @ rotation.T
+    assert null_space_basis(c, threshold=1e-2, rule="eigenvalue").shape[1] == 99
+    basis = null_space_basis(c, threshold=1e-2)
+    ordered, budget, expected = sorted(values.tolist()), 1e-2 * float(values.sum()), 0
+    total = 0.0
+    for value in ordered:
+        total += value
+        if total > budget:
+            break
+        expected += 1
+    assert basis.shape[1] == expected > 0
+    held = float(torch.trace(basis.T @ c @ basis))
+    assert held <= 1e-2 * float(torch.trace(c)) + 1e-9
+    with pytest.raises(ValueError, match="rule"):
+        null_space_basis(c, rule="magic")
+    with pytest.raises(SolverError, match="raise the threshold"):
+        null_space_basis(torch.eye(3), threshold=0.2)
 
 
 def test_basis_refuses_bad_threshold_and_empty_null_space():
@@ -69,7 +93,7 @@ def test_basis_refuses_bad_threshold_and_empty_null_space():
     with pytest.raises(ValueError, match="threshold"):
         null_space_basis(torch.eye(3), threshold=2.0)
     with pytest.raises(SolverError, match="raise the threshold"):
-        null_space_basis(torch.eye(3), threshold=0.5)
+        null_space_basis(torch.eye(3), threshold=0.5, rule="eigenvalue")
     with pytest.raises(SolverError, match="zero"):
         null_space_basis(torch.zeros(3, 3))
 
@@ -221,7 +245,9 @@ def test_alphaedit_defaults_are_memits_with_the_null_space_settings(model_type):
     defaults = EditHyperParams.for_model(model, "alphaedit")
     assert "alphaedit" in METHODS
     assert defaults.to_dict() == memit_defaults.to_dict()  # the same layers, clamp and target optimisation
-    assert defaults.extra == {"nullspace_threshold": DEFAULT_THRESHOLD, "alpha": DEFAULT_ALPHA}
+    assert defaults.extra == {
+        "nullspace_threshold": DEFAULT_THRESHOLD, "nullspace_rule": "energy", "alpha": DEFAULT_ALPHA
+    }
     assert EditHyperParams.for_model(model, "alphaedit", [2, 1]).layers == (1, 2)
     assert defaults.replace(v_steps=3).extra == defaults.extra  # overrides keep the null-space settings
     assert resolve_hparams(model, "alphaedit", [3]).extra == defaults.extra

@@ -3,14 +3,16 @@
 AlphaEdit (Fang et al., 2025) keeps MEMIT's pipeline: the same target hidden states ``z = h + δ`` at the last
 edit layer (:mod:`.targets`), the same keys, the same spreading of the residual ``(z − h) / (layers left)``
 over the edit layers. Only the solve differs (:mod:`.nullspace`): each layer's update is restricted to the
-directions that the keys of ordinary text never take (eigenvectors of ``C`` below ``threshold · λ_max``), so
+directions that the keys of ordinary text never take (the eigenvectors of ``C`` holding the smallest
+``threshold`` of the keys' energy), so
 that the outputs for those keys do not move, and it also keeps the outputs of the keys of every earlier
 AlphaEdit batch recorded in an :class:`~.history.EditHistory`. That is what lets edits accumulate: MEMIT's
 ``λ C`` term only discourages changes on ordinary keys, and sequential MEMIT updates disturb earlier ones.
 
 Two knobs, besides MEMIT's hyper-parameters:
 
-- ``threshold`` (default ``1e-2``): relative eigenvalue cut-off of the null space. Smaller keeps fewer
+- ``threshold`` (default ``1e-2``): the share of the preserved keys' energy the null space may hold
+  (``rule="energy"``; ``rule="eigenvalue"`` reads it relative to the largest eigenvalue). Smaller keeps fewer
   directions (better preservation, less room to write); see docs/editing-that-lasts.md.
 - ``alpha`` (default ``1.0``): the weight of ``‖Δ‖²``, relative to the mean diagonal of ``C``, which makes one
   value transfer across layers whose key scales differ. Larger gives smaller, less exact updates.
@@ -36,36 +38,47 @@ from lightning_kedit.requests import EditRequest
 
 from .delta import EditDelta
 from .history import EditHistory
-from .hparams import DEFAULT_ALPHA, DEFAULT_NULLSPACE_THRESHOLD, EditHyperParams, HyperParamError, resolve_hparams
+from .hparams import (
+    DEFAULT_ALPHA,
+    DEFAULT_NULLSPACE_RULE,
+    DEFAULT_NULLSPACE_THRESHOLD,
+    EditHyperParams,
+    HyperParamError,
+    resolve_hparams,
+)
 from .keys import eval_mode, subject_states, template_weights
 from .memit import PhaseTimer, add_to_weight, check_statistics, temporary_updates
-from .nullspace import alphaedit_factors, null_space_basis
+from .nullspace import NULL_SPACE_RULES, alphaedit_factors, null_space_basis
 from .prefixes import context_templates
 from .solvers import LowRankUpdate, spread_residuals
 from .targets import NonFiniteEditError, TargetValues, compute_target_values
 
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "alphaedit_updates", "compute_alphaedit", "null_space_bases"]
 
-#: Relative eigenvalue threshold of the null space (eigenvalues below ``threshold · λ_max(C)`` are kept);
-#: the default of ``EditHyperParams.for_model(model, "alphaedit").extra["nullspace_threshold"]``.
+#: The null space's share of the preserved keys' energy (``rule="energy"``); the default of
+#: ``EditHyperParams.for_model(model, "alphaedit").extra["nullspace_threshold"]``.
 DEFAULT_THRESHOLD = DEFAULT_NULLSPACE_THRESHOLD
 
 
-def null_space_bases(statistics: Any, layers: Sequence[int], threshold: float = DEFAULT_THRESHOLD) -> dict[int, Tensor]:
+def null_space_bases(
+    statistics: Any, layers: Sequence[int], threshold: float = DEFAULT_THRESHOLD, rule: str = DEFAULT_NULLSPACE_RULE
+) -> dict[int, Tensor]:
     """The null-space basis ``Û`` of each layer's preserved-key second moment (see :func:`null_space_basis`).
 
     Computing them once and passing them to every batch of a sequence saves one eigendecomposition per layer
     and batch.
     """
     return {
-        layer: null_space_basis(statistics.second_moment(layer).to(torch.float64), threshold=threshold)
+        layer: null_space_basis(statistics.second_moment(layer).to(torch.float64), threshold=threshold, rule=rule)
         for layer in layers
     }
 
 
-def _check_options(threshold: float, alpha: float) -> None:
+def _check_options(threshold: float, alpha: float, rule: str = DEFAULT_NULLSPACE_RULE) -> None:
+    if rule not in NULL_SPACE_RULES:
+        raise HyperParamError(f"`nullspace_rule`={rule!r} is not one of {', '.join(NULL_SPACE_RULES)}")
     if not 0 < threshold <= 1:
-        raise HyperParamError(f"`threshold` must lie in (0, 1] (relative to the largest eigenvalue), got {threshold}")
+        raise HyperParamError(f"`threshold` must lie in (0, 1] (a share of the {rule}), got {threshold}")
     if not alpha > 0:
         raise HyperParamError(f"`alpha` must be > 0, got {alpha}")
 
@@ -82,6 +95,7 @@ def alphaedit_updates(
     alpha: float = DEFAULT_ALPHA,
     bases: Mapping[int, Tensor] | None = None,
     timer: PhaseTimer | None = None,
+    rule: str = DEFAULT_NULLSPACE_RULE,
     progress: bool = False,
 ) -> tuple[dict[int, LowRankUpdate], dict[int, Tensor], TargetValues]:
     """The AlphaEdit factors per edit layer, the keys written at each layer, and the target values.
@@ -93,13 +107,13 @@ def alphaedit_updates(
         statistics: key statistics of the *unedited* model for ``hparams.layers`` (they define ``P``).
         hparams: MEMIT's hyper-parameters (layers, target optimisation); ``mom2_weight`` is not used.
         history: earlier batches whose keys' outputs must be kept (``K_p``); None for none.
-        threshold: relative eigenvalue threshold of the null space.
+        threshold: the null space's threshold, read by ``rule`` (:func:`~.nullspace.null_space_basis`).
         alpha: weight of ``‖Δ‖²`` relative to ``mean(diag C)``.
         bases: precomputed null-space bases per layer (:func:`null_space_bases` with the same threshold).
         timer: accumulates seconds per phase.
         progress: print the target optimisation's progress.
     """
-    _check_options(threshold, alpha)
+    _check_options(threshold, alpha, rule)
     adapter = ModelAdapter.for_model(model)
     layers = adapter.check_layers(list(hparams.layers))
     check_statistics(statistics, adapter, layers)
@@ -116,7 +130,7 @@ def alphaedit_updates(
     with timer.phase("nullspace"):
         missing = [layer for layer in layers if bases is None or layer not in bases]
         found = dict(bases or {})
-        found.update(null_space_bases(statistics, missing, threshold))
+        found.update(null_space_bases(statistics, missing, threshold, rule))
     assert states.outputs is not None
     z = states.outputs + values.delta
     factors: dict[int, LowRankUpdate] = {}
@@ -171,7 +185,8 @@ def compute_alphaedit(
         hparams: MEMIT's hyper-parameters (``EditHyperParams.for_model(model, "alphaedit")`` when None);
             ``hparams.extra`` may hold ``nullspace_threshold`` and ``alpha``.
         history: earlier AlphaEdit batches whose edits must be kept.
-        threshold: relative null-space threshold (:data:`DEFAULT_THRESHOLD` when None).
+        threshold: the null space's threshold (:data:`DEFAULT_THRESHOLD` when None; read by ``hparams.extra``'s
+            ``nullspace_rule``, "energy" by default).
         alpha: relative weight of ``‖Δ‖²`` (:data:`DEFAULT_ALPHA` when None).
         bases: precomputed null-space bases (:func:`null_space_bases`).
         keys: when given, filled with the keys written per layer (for ``history.push(delta, keys)``).
@@ -196,19 +211,20 @@ def compute_alphaedit(
     hp = resolve_hparams(model, "alphaedit", layers, hparams)
     threshold = float(threshold if threshold is not None else hp.extra.get("nullspace_threshold", DEFAULT_THRESHOLD))
     alpha = float(alpha if alpha is not None else hp.extra.get("alpha", DEFAULT_ALPHA))
-    _check_options(threshold, alpha)
+    rule = str(hp.extra.get("nullspace_rule", DEFAULT_NULLSPACE_RULE))
+    _check_options(threshold, alpha, rule)
     timer = PhaseTimer()
     with eval_mode(model):
         with timer.phase("statistics"):
             stats = resolve_statistics(model, tokenizer, hp.layers, statistics, progress=progress)
         factors, written, _ = alphaedit_updates(
-            model, tokenizer, requests, stats, hp, history=history, threshold=threshold, alpha=alpha,
+            model, tokenizer, requests, stats, hp, history=history, threshold=threshold, alpha=alpha, rule=rule,
             bases=bases, timer=timer, progress=progress,
         )
         with timer.phase("solve"):
             delta = EditDelta.from_model(
                 model, factors, method="alphaedit",
-                hparams={**hp.to_dict(), "nullspace_threshold": threshold, "alpha": alpha,
+                hparams={**hp.to_dict(), "nullspace_threshold": threshold, "nullspace_rule": rule, "alpha": alpha,
                          "previous_edits": history.num_edits if history is not None else 0},
                 request_ids=[r.case_id for r in requests], tokenizer=tokenizer,
             )

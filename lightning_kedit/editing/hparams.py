@@ -13,7 +13,7 @@ Sources of the defaults:
   GPT-J: 5 of 28, Llama: 5), ten prefixes of 5 tokens and ten of 10.
 - AlphaEdit (Fang et al., 2025): MEMIT's layers and target optimisation, plus the null-space threshold
   (:data:`DEFAULT_NULLSPACE_THRESHOLD`) and the weight of ``‖Δ‖²`` (:data:`DEFAULT_ALPHA`) in ``extra``
-  (``nullspace_threshold``, ``alpha``), where :func:`~.alphaedit.compute_alphaedit` reads them.
+  (``nullspace_threshold``, ``nullspace_rule``, ``alpha``), where :func:`~.alphaedit.compute_alphaedit` reads them.
 - ``mom2_weight`` (λ): the reference uses 15,000 with ``C = E[k kᵀ]``. Here λ multiplies ``C / mean(diag C)``
   when ``lambda_relative`` is set, which makes one value transfer across models whose key scales differ;
   the SmolLM2 default comes from the sweep in ``benchmarks/edit_quality.py`` (docs/benchmarks/editing.md).
@@ -39,6 +39,7 @@ from lightning_kedit.models.adapters import ModelAdapter, default_edit_layers
 __all__ = [
     "DEFAULT_ALPHA",
     "DEFAULT_BARE_WEIGHT",
+    "DEFAULT_NULLSPACE_RULE",
     "DEFAULT_NULLSPACE_THRESHOLD",
     "METHODS",
     "EditHyperParams",
@@ -48,8 +49,11 @@ __all__ = [
 
 #: The edit methods this package computes.
 METHODS = ("memit", "rome", "ft", "alphaedit")
-#: AlphaEdit's relative eigenvalue threshold of the null space (eigenvalues below ``threshold · λ_max(C)``).
+#: AlphaEdit's null-space threshold: the share of the preserved keys' energy the null space may hold.
 DEFAULT_NULLSPACE_THRESHOLD = 1e-2
+#: How the threshold is read (:data:`~.nullspace.NULL_SPACE_RULES`): "energy" (a share of ``trace C``) or
+#: "eigenvalue" (a share of the largest eigenvalue, which fails on keys with outlier directions).
+DEFAULT_NULLSPACE_RULE = "energy"
 #: AlphaEdit's weight of ``‖Δ‖²``, relative to the mean diagonal of ``C``.
 DEFAULT_ALPHA = 1.0
 #: MEMIT's and AlphaEdit's share of the bare prompt in the template-averaged keys (the reference code's weighting).
@@ -178,7 +182,7 @@ class EditHyperParams:
             >>> EditHyperParams.for_model(model, "rome").layers
             (1,)
             >>> EditHyperParams.for_model(model, "alphaedit").extra
-            {'nullspace_threshold': 0.01, 'alpha': 1.0}
+            {'nullspace_threshold': 0.01, 'nullspace_rule': 'energy', 'alpha': 1.0}
         """
         if method not in METHODS:
             raise HyperParamError(f"`method`={method!r} is not one of {', '.join(METHODS)}")
@@ -195,7 +199,8 @@ class EditHyperParams:
                 base = base.replace(**_SMOLLM2_MEMIT)
             if method == "alphaedit":
                 # AlphaEdit keeps MEMIT's pipeline; λ is not used by its solve.
-                base = base.replace(extra={"nullspace_threshold": DEFAULT_NULLSPACE_THRESHOLD, "alpha": DEFAULT_ALPHA})
+                base = base.replace(extra={"nullspace_threshold": DEFAULT_NULLSPACE_THRESHOLD,
+                                           "nullspace_rule": DEFAULT_NULLSPACE_RULE, "alpha": DEFAULT_ALPHA})
         elif method == "rome":
             chosen = (min(n - 1, max(0, round(n * 0.17))),)
             base = cls(layers=chosen, clamp_norm=clamp, prefix_lengths=((5, 10), (10, 10)))

@@ -40,7 +40,7 @@ from .alphaedit import DEFAULT_ALPHA, DEFAULT_THRESHOLD, compute_alphaedit, null
 from .delta import EditDelta
 from .editor import compute_edit, resolve_statistics
 from .history import EditHistory
-from .hparams import METHODS, EditHyperParams
+from .hparams import DEFAULT_NULLSPACE_RULE, METHODS, EditHyperParams
 
 __all__ = ["SEQUENTIAL_METHODS", "SequentialStep", "chain_batches", "chain_report", "edit_sequentially"]
 
@@ -135,7 +135,7 @@ def edit_sequentially(
         statistics: key statistics of the model *before* the sequence, a file, or None for the cached ones.
         hparams: hyper-parameters (``EditHyperParams.for_model`` when None; MEMIT's for alphaedit).
         history: a history to continue (its batches must be applied to ``model``); a new one when None.
-        threshold: AlphaEdit's relative null-space threshold.
+        threshold: AlphaEdit's null-space threshold (read by ``hp.extra["nullspace_rule"]``, "energy" by default).
         alpha: AlphaEdit's relative weight of ``‖Δ‖²``.
         chain: keep requests of one ``chain_id`` in one batch (:func:`chain_batches`).
         callback: called after each batch with a :class:`SequentialStep` (e.g. to evaluate the model).
@@ -170,7 +170,8 @@ def edit_sequentially(
     if method != "ft":
         stats = resolve_statistics(model, tokenizer, hp.layers, statistics, progress=progress)
     if method == "alphaedit":
-        bases = null_space_bases(stats, hp.layers, threshold)
+        rule = str(hp.extra.get("nullspace_rule", DEFAULT_NULLSPACE_RULE))
+        bases = null_space_bases(stats, hp.layers, threshold, rule)
     for number, batch in enumerate(batches, start=1):
         start = time.perf_counter()
         if method == "alphaedit":
