@@ -45,7 +45,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--v-steps", type=int, default=None, help="Adam steps of the target optimisation")
     parser.add_argument("--prefixes", type=int, default=None, help="context prefixes of 10 tokens (default 5)")
-    parser.add_argument("--threshold", type=float, default=None, help="AlphaEdit's relative null-space threshold")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="AlphaEdit's null-space threshold (a share of the keys' energy under --rule energy)")
+    parser.add_argument("--rule", choices=("energy", "eigenvalue"), default=None, help="how --threshold is read")
+    parser.add_argument("--preserve-weight", type=float, default=None,
+                        help="AlphaEdit's weight of λ₀ C inside the null space (0: the paper's solve)")
     parser.add_argument("--alpha", type=float, default=None, help="AlphaEdit's relative weight of |Δ|²")
     parser.add_argument("--requests", default=str(DATA / "counterfact" / "counterfact-train.json"))
     parser.add_argument("--ppl-text", default=str(DATA / "text" / "wikitext2_test.txt"))
@@ -125,8 +129,11 @@ def main(argv: list[str] | None = None) -> None:
         print_row(rows[-1])
         save()
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        hp = EditHyperParams.for_model(model, "memit" if method == "alphaedit" else method)
-        hp = hp.replace(v_steps=args.v_steps)
+        hp = EditHyperParams.for_model(model, method)
+        hp = hp.replace(v_steps=args.v_steps) if args.v_steps is not None else hp
+        if method == "alphaedit":
+            options = {"nullspace_rule": args.rule, "preserve_weight": args.preserve_weight}
+            hp = hp.replace(extra={**hp.extra, **{k: v for k, v in options.items() if v is not None}})
         if args.prefixes is not None:
             hp = hp.replace(prefix_lengths=((10, args.prefixes),))
         adapter = ModelAdapter.for_model(model)

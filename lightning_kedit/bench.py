@@ -4,11 +4,13 @@ For every method and every number of edits ``N`` (a *cell*) the harness edits th
 measures efficacy (the success rate), paraphrase, neighbourhood, score and, with a text, perplexity, on all
 ``N`` facts, with the wall and CPU seconds and the peak memory of the cell.
 
-- Batch methods (``memit``, ``ft``) run each ``N`` from the unedited weights: the delta is computed, applied,
-  evaluated and reverted bit for bit before the next cell.
-- Sequential methods (``rome-seq``, ``memit-seq``, ``ft-seq``) edit once, ``batch_size`` facts at a time
-  (ROME: one), and evaluate at a checkpoint at each ``N`` on every fact edited so far. The edited weights are
-  saved at each checkpoint (``state/<method>.safetensors``), so a later run continues from the largest one.
+- Batch methods (``memit``, ``ft``, ``rome``, ``alphaedit``) run each ``N`` from the unedited weights: the delta
+  is computed, applied, evaluated and reverted bit for bit before the next cell.
+- Sequential methods (``rome-seq``, ``memit-seq``, ``ft-seq``, ``alphaedit-seq``) edit once, ``batch_size``
+  facts at a time (ROME: one), and evaluate at a checkpoint at each ``N`` on every fact edited so far. The
+  edited weights are saved at each checkpoint (``state/<method>.safetensors``; AlphaEdit also its
+  :class:`~lightning_kedit.editing.history.EditHistory`, whose keys each later batch must keep, in
+  ``state/<method>.history/``), so a later run continues from the largest one.
 - ``unedited`` rows (the model before editing) give the floor that editing must beat.
 
 Finished cells are kept in ``results.json`` (written atomically after every cell), and a run resumes by
@@ -46,6 +48,7 @@ from torch import nn
 
 from lightning_kedit.atomic_files import atomic_save_safetensors
 from lightning_kedit.bench_report import BenchError, BenchResults, ProgressPrinter, write_report
+from lightning_kedit.editing.history import EditHistory, HistoryError
 from lightning_kedit.editing.hparams import METHODS, EditHyperParams
 from lightning_kedit.editing.target_cache import TargetCache, request_digest
 from lightning_kedit.metrics import evaluate_requests
@@ -69,9 +72,8 @@ __all__ = [
 
 #: The method name of the rows that measure the model before editing.
 UNEDITED = "unedited"
-#: The editing methods the harness runs, batch or ``-seq``. Not AlphaEdit: its sequential form needs the
-#: :class:`~lightning_kedit.editing.history.EditHistory` of ``edit_sequentially``, which this harness does not keep.
-BENCH_METHODS: tuple[str, ...] = tuple(m for m in METHODS if m != "alphaedit")
+#: The editing methods the harness runs, batch or ``-seq``.
+BENCH_METHODS: tuple[str, ...] = METHODS
 
 
 @dataclass(frozen=True)
@@ -179,8 +181,12 @@ class _Context:
     resolved: Any = None
 
     def compute_edit(self, model: nn.Module, requests: Sequence[EditRequest], method: BenchMethod,
-                     timings: dict[str, float]) -> Any:
-        """The delta of ``requests``; phase seconds are added to ``timings``."""
+                     timings: dict[str, float], history: EditHistory | None = None,
+                     keys: dict[int, torch.Tensor] | None = None) -> Any:
+        """The delta of ``requests``; phase seconds are added to ``timings``.
+
+        ``history`` and ``keys`` (AlphaEdit's sequence) are passed on only when given.
+        """
         from lightning_kedit.editing import editor
 
         hp = self.hparams[method.name]
@@ -190,9 +196,10 @@ class _Context:
             self.resolved = editor.resolve_statistics(model, self.tokenizer, self.stat_layers, self.statistics,
                                                       progress=self.verbose)
         phases: dict[str, float] = {}
+        sequence = {"history": history, "keys": keys} if history is not None else {}
         delta = editor.compute_edit(
             model, self.tokenizer, list(requests), method=method.method, statistics=self.resolved, hparams=hp,
-            progress=self.verbose, timings=phases, target_cache=self.target_cache,
+            progress=self.verbose, timings=phases, target_cache=self.target_cache, **sequence,
         )
         for phase, seconds in phases.items():
             timings[phase] = round(timings.get(phase, 0.0) + seconds, 3)
@@ -301,13 +308,31 @@ def _save_state(path: Path, model: nn.Module, method: BenchMethod, context: _Con
     atomic_save_safetensors(tensors, path, metadata)
 
 
+def _load_history(folder: Path, state: _SequentialState | None) -> EditHistory | None:
+    """AlphaEdit's history saved beside ``state``, when it holds exactly the state's edits."""
+    if state is None or not (folder / "history.json").is_file():
+        return None
+    try:
+        history = EditHistory.load(folder)
+    except HistoryError:
+        return None
+    return history if history.num_edits == state.edits else None
+
+
 def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], context: _Context,
                     results: BenchResults, progress: ProgressPrinter) -> None:
     """One run of edits (``batch_size`` facts at a time), evaluated at each N; base weights restored at the end."""
     path = results.folder / "state" / f"{method.name}.safetensors"
+    history_dir = path.with_suffix(".history")
     batch = 1 if method.method == "rome" else context.batch_size
     pending = [n for n in counts if results.row(method.name, n) is None]
     state = _load_state(path, model, method, context, pending)
+    history = None
+    if method.method == "alphaedit":
+        # Each batch must keep the keys of all earlier ones: without the saved history, start again.
+        history = _load_history(history_dir, state)
+        state = state if history is not None else None
+        history = history if history is not None else EditHistory()
     done, edit_total = (state.edits, state.edit_seconds) if state else (0, 0.0)
     base = _layer_weights(model, list(state.weights)) if state else {}
     try:
@@ -323,9 +348,12 @@ def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], co
                 while done < n:
                     chunk = context.requests[done : min(done + batch, n)]
                     start = time.perf_counter()
-                    delta = context.compute_edit(model, chunk, method, phases)
+                    keys: dict[int, torch.Tensor] = {}
+                    delta = context.compute_edit(model, chunk, method, phases, history, keys)
                     base.update(_layer_weights(model, [layer for layer in delta.layers if layer not in base]))
                     delta.apply(model)
+                    if history is not None:
+                        history.push(delta, keys, model=None, initial=base)
                     edit_total += time.perf_counter() - start
                     done += len(chunk)
                 if n in pending:
@@ -335,6 +363,8 @@ def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], co
                                   batch_size=batch, phases=phases, cached_targets=context.target_cache.hits - hits)
                 results.add(row)
                 progress.finish(row, edits)
+            if history is not None:
+                history.save(history_dir)  # before the weights: a state is only used with a history that matches
             _save_state(path, model, method, context, base, done, edit_total)
     finally:
         _restore(model, base)
@@ -375,7 +405,8 @@ def run_bench(
         model: the model to edit (left with its original weights, also when interrupted).
         tokenizer: its tokenizer.
         requests: the facts, in order; cell ``N`` edits the first ``N``.
-        methods: batch methods (``memit``, ``ft``) and sequential ones (``rome-seq``, ``memit-seq``, ``ft-seq``).
+        methods: batch methods (``memit``, ``rome``, ``ft``, ``alphaedit``) and sequential ones (the same with
+            ``-seq``: ``rome-seq``, ``memit-seq``, ``ft-seq``, ``alphaedit-seq``).
         counts: the numbers of edits, e.g. ``"1,10,100"``.
         out_dir: the output folder; results of other cells already there are kept and skipped.
         model_name: the model spec written to ``results.json``.

@@ -185,6 +185,30 @@ def test_tiny_model_keeps_preserved_outputs_and_writes_the_edited_keys(tokenizer
     torch.testing.assert_close(after, states.outputs + values.delta, rtol=1e-3, atol=1e-3)
 
 
+def test_preserve_weight_adds_memits_second_moment_inside_the_null_space(tokenizer):
+    """With λ₀ > 0 the single-layer update equals the paper's formula with λ₀ C added to K_p K_pᵀ (float64)."""
+    model = peaky()
+    stats, _ = low_rank_statistics(model, [2], rank=32)
+    hp = hparams((2,))
+    weight, alpha = 7.0, 1e-3
+    factors, keys, values = alphaedit_updates(model, tokenizer, REQUESTS, stats, hp, threshold=0.3, alpha=alpha,
+                                              preserve_weight=weight)
+    c = stats.second_moment(2).to(torch.float64)
+    basis = null_space_basis(c, threshold=0.3)
+    assert 32 < basis.shape[1] < 64  # the null space holds some of the keys' energy: λ₀ C matters there
+    eigenvalues, vectors = torch.linalg.eigh(c)
+    root = (eigenvalues.clamp_min(0).sqrt()[:, None] * vectors.T) * weight**0.5  # rootᵀ root = λ₀ C
+    scale = float(c.diagonal().mean())
+    expected = paper_formula(keys[2].double(), values.delta.double(), basis @ basis.T, alpha * scale, root)
+    torch.testing.assert_close(factors[2].dense(), expected, rtol=1e-7, atol=1e-9)
+    plain, _, _ = alphaedit_updates(model, tokenizer, REQUESTS, stats, hp, threshold=0.3, alpha=alpha)
+    assert not torch.allclose(plain[2].dense(), expected)  # the weight changed the solve
+    hp_extra = hp.replace(extra={"nullspace_threshold": 0.3, "alpha": alpha, "preserve_weight": weight})
+    delta = compute_alphaedit(model, tokenizer, REQUESTS, statistics=stats, hparams=hp_extra)
+    assert delta.hparams["preserve_weight"] == weight
+    torch.testing.assert_close(delta.update(2).dense().double(), expected, rtol=1e-5, atol=1e-7)
+
+
 def test_history_keys_are_kept_by_the_next_batch(tokenizer):
     """A second batch, given the first one's keys, leaves their outputs unchanged (Δ₂ K₁ ≈ 0)."""
     model = peaky()
@@ -228,6 +252,9 @@ def test_bad_options_are_refused_with_the_model_unchanged(tokenizer):
         compute_alphaedit(model, tokenizer, REQUESTS, statistics=stats, hparams=hp, alpha=-1.0)
     with pytest.raises(HyperParamError, match="layer"):
         compute_alphaedit(model, tokenizer, REQUESTS, statistics=stats, hparams=hp, layers=[9])
+    with pytest.raises(HyperParamError, match="preserve_weight"):
+        negative = hp.replace(extra={"preserve_weight": -1.0})
+        compute_alphaedit(model, tokenizer, REQUESTS, statistics=stats, hparams=negative)
     with pytest.raises(KeditError, match="empty"):
         compute_alphaedit(model, tokenizer, [], statistics=stats, hparams=hp)
     full = KeyStatistics([2], 64)
@@ -246,7 +273,8 @@ def test_alphaedit_defaults_are_memits_with_the_null_space_settings(model_type):
     assert "alphaedit" in METHODS
     assert defaults.to_dict() == memit_defaults.to_dict()  # the same layers, clamp and target optimisation
     assert defaults.extra == {
-        "nullspace_threshold": DEFAULT_THRESHOLD, "nullspace_rule": "energy", "alpha": DEFAULT_ALPHA
+        "nullspace_threshold": DEFAULT_THRESHOLD, "nullspace_rule": "energy", "alpha": DEFAULT_ALPHA,
+        "preserve_weight": memit_defaults.mom2_weight,
     }
     assert EditHyperParams.for_model(model, "alphaedit", [2, 1]).layers == (1, 2)
     assert defaults.replace(v_steps=3).extra == defaults.extra  # overrides keep the null-space settings

@@ -15,6 +15,7 @@ from lightning_kedit.bench import ResourceMeter, parse_counts, parse_methods, ru
 from lightning_kedit.bench_report import PLOT_FILE, ROW_KEYS, SEED_SUCCESS, TABLE_FILE, BenchError, success_table
 from lightning_kedit.editing import editor
 from lightning_kedit.editing.delta import EditDelta
+from lightning_kedit.editing.history import EditHistory
 from lightning_kedit.editing.hparams import EditHyperParams
 from lightning_kedit.editing.target_cache import TargetCache, request_digest
 from lightning_kedit.editing.targets import TargetValues
@@ -340,6 +341,36 @@ def test_real_editor_on_a_tiny_model(model_and_tokenizer, tmp_path):
     assert results.row("memit", 2)["phases"]["targets"] >= 0
     # MEMIT's N = 2 cell reads the first request's target from the N = 1 cell.
     assert results.row("memit", 2)["cached_targets"] >= 1 and cache.hits >= 1
+
+
+def test_alphaedit_seq_keeps_its_history_and_resumes_like_edit_sequentially(model_and_tokenizer, tmp_path):
+    """``alphaedit-seq`` passes each batch the earlier batches' keys; a resumed run ends where one pass does."""
+    from safetensors.torch import load_file
+
+    from lightning_kedit.editing.sequential import edit_sequentially
+    from lightning_kedit.statistics import collect_key_statistics
+
+    model, tokenizer = model_and_tokenizer
+    before = _weights(model)
+    hp = EditHyperParams.for_model(model, "alphaedit")
+    statistics = collect_key_statistics(model, tokenizer, list(hp.layers), max_tokens=2000)
+    options = dict(methods="alphaedit-seq", statistics=statistics, hparams={"v_steps": 3}, batch_size=1,
+                   baseline=False, target_cache=TargetCache(tmp_path / "targets"))
+    _bench(model_and_tokenizer, tmp_path / "out", tmp_path, counts="1", **options)
+    results = _bench(model_and_tokenizer, tmp_path / "out", tmp_path, counts="1,3", **options)  # resumes at 1
+    assert {(r["method"], r["n"]) for r in results.rows} == {("alphaedit-seq", 1), ("alphaedit-seq", 3)}
+    assert results.row("alphaedit-seq", 3)["cached_targets"] == 0  # continued on the edited weights, not restarted
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))
+    state = tmp_path / "out" / "state"
+    history = EditHistory.load(state / "alphaedit-seq.history")
+    assert history.num_edits == 3 and all(d.hparams["previous_edits"] == i for i, d in enumerate(history.deltas))
+    saved = load_file(str(state / "alphaedit-seq.safetensors"))
+    reference = edit_sequentially(model, tokenizer, bundled_requests()[:3], method="alphaedit", batch_size=1,
+                                  statistics=statistics, hparams=hp.replace(v_steps=3))
+    adapter = ModelAdapter.for_model(model)
+    for layer in hp.layers:
+        torch.testing.assert_close(saved[f"layers.{layer}"], adapter.weight(layer), rtol=1e-5, atol=1e-6)
+    reference.revert(model, len(reference))
 
 
 def test_cli_runs_a_tiny_model_folder(model_and_tokenizer, tmp_path, monkeypatch, capsys):

@@ -4,16 +4,20 @@ AlphaEdit (Fang et al., 2025) keeps MEMIT's pipeline: the same target hidden sta
 edit layer (:mod:`.targets`), the same keys, the same spreading of the residual ``(z − h) / (layers left)``
 over the edit layers. Only the solve differs (:mod:`.nullspace`): each layer's update is restricted to the
 directions that the keys of ordinary text never take (the eigenvectors of ``C`` holding the smallest
-``threshold`` of the keys' energy), so
-that the outputs for those keys do not move, and it also keeps the outputs of the keys of every earlier
-AlphaEdit batch recorded in an :class:`~.history.EditHistory`. That is what lets edits accumulate: MEMIT's
-``λ C`` term only discourages changes on ordinary keys, and sequential MEMIT updates disturb earlier ones.
+``threshold`` of the keys' energy), so that the outputs for those keys do not move, and it also keeps the
+outputs of the keys of every earlier AlphaEdit batch recorded in an :class:`~.history.EditHistory`. That is
+what lets edits accumulate: MEMIT's ``λ C`` term only discourages changes on ordinary keys, and sequential
+MEMIT updates disturb earlier ones.
 
-Two knobs, besides MEMIT's hyper-parameters:
+Three knobs, besides MEMIT's hyper-parameters (``hparams.extra``, filled by ``EditHyperParams.for_model``):
 
-- ``threshold`` (default ``1e-2``): the share of the preserved keys' energy the null space may hold
-  (``rule="energy"``; ``rule="eigenvalue"`` reads it relative to the largest eigenvalue). Smaller keeps fewer
-  directions (better preservation, less room to write); see docs/editing-that-lasts.md.
+- ``threshold`` (default ``0.5``): the share of the preserved keys' energy the null space may hold
+  (``nullspace_rule="energy"``; ``"eigenvalue"`` reads it relative to the largest eigenvalue, as the paper's
+  code does). Smaller keeps fewer directions, but on a small model whose keys fill their space that forces
+  large updates through directions the edit keys barely use (docs/editing-that-lasts.md).
+- ``preserve_weight`` (default: MEMIT's ``mom2_weight``): ``λ₀`` of a ``λ₀ C`` term inside the null space, so
+  that the directions ordinary keys still use a little are weighted by how much they use them, as in MEMIT.
+  ``0`` is the paper's solve.
 - ``alpha`` (default ``1.0``): the weight of ``‖Δ‖²``, relative to the mean diagonal of ``C``, which makes one
   value transfer across layers whose key scales differ. Larger gives smaller, less exact updates.
 
@@ -26,7 +30,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -53,6 +57,9 @@ from .prefixes import context_templates
 from .solvers import LowRankUpdate, spread_residuals
 from .targets import NonFiniteEditError, TargetValues, compute_target_values
 
+if TYPE_CHECKING:
+    from .target_cache import TargetCache
+
 __all__ = ["DEFAULT_ALPHA", "DEFAULT_THRESHOLD", "alphaedit_updates", "compute_alphaedit", "null_space_bases"]
 
 #: The null space's share of the preserved keys' energy (``rule="energy"``); the default of
@@ -74,7 +81,11 @@ def null_space_bases(
     }
 
 
-def _check_options(threshold: float, alpha: float, rule: str = DEFAULT_NULLSPACE_RULE) -> None:
+def _check_options(
+    threshold: float, alpha: float, rule: str = DEFAULT_NULLSPACE_RULE, preserve_weight: float = 0.0
+) -> None:
+    if not preserve_weight >= 0:
+        raise HyperParamError(f"`preserve_weight` must be >= 0, got {preserve_weight}")
     if rule not in NULL_SPACE_RULES:
         raise HyperParamError(f"`nullspace_rule`={rule!r} is not one of {', '.join(NULL_SPACE_RULES)}")
     if not 0 < threshold <= 1:
@@ -96,7 +107,9 @@ def alphaedit_updates(
     bases: Mapping[int, Tensor] | None = None,
     timer: PhaseTimer | None = None,
     rule: str = DEFAULT_NULLSPACE_RULE,
+    preserve_weight: float = 0.0,
     progress: bool = False,
+    target_cache: TargetCache | None = None,
 ) -> tuple[dict[int, LowRankUpdate], dict[int, Tensor], TargetValues]:
     """The AlphaEdit factors per edit layer, the keys written at each layer, and the target values.
 
@@ -111,9 +124,14 @@ def alphaedit_updates(
         alpha: weight of ``‖Δ‖²`` relative to ``mean(diag C)``.
         bases: precomputed null-space bases per layer (:func:`null_space_bases` with the same threshold).
         timer: accumulates seconds per phase.
+        rule: how ``threshold`` is read: "energy" or "eigenvalue".
+        preserve_weight: ``λ₀ ≥ 0``; adds MEMIT's ``λ₀ ‖Δ K₀‖²`` (``λ₀ C``) inside the null space, so that the
+            directions ordinary keys still use a little are also weighted by how much they use them. 0 is the
+            paper's AlphaEdit.
         progress: print the target optimisation's progress.
+        target_cache: where target values are looked up and stored (none when None).
     """
-    _check_options(threshold, alpha, rule)
+    _check_options(threshold, alpha, rule, preserve_weight)
     adapter = ModelAdapter.for_model(model)
     layers = adapter.check_layers(list(hparams.layers))
     check_statistics(statistics, adapter, layers)
@@ -126,7 +144,8 @@ def alphaedit_updates(
         states = subject_states(model, tokenizer, requests, templates, key_layers=[layers[0]], out_layer=last,
                                 weights=weights)
     with timer.phase("targets"):
-        values = compute_target_values(model, tokenizer, requests, last, templates, hparams, progress=progress)
+        values = compute_target_values(model, tokenizer, requests, last, templates, hparams, progress=progress,
+                                       target_cache=target_cache)
     with timer.phase("nullspace"):
         missing = [layer for layer in layers if bases is None or layer not in bases]
         found = dict(bases or {})
@@ -146,6 +165,10 @@ def alphaedit_updates(
                 residuals = spread_residuals(z, states.outputs, len(layers) - i)
                 scale = float(statistics.second_moment(layer).to(torch.float64).diagonal().mean())
                 previous = history.gram(layer) if history is not None else None
+                if preserve_weight > 0:
+                    # min ‖ΔK₁ − R‖² + ‖ΔK_p‖² + λ₀ n ‖ΔK₀/√n‖² + α‖Δ‖² with Δ = ΓÛᵀ: C joins K_pK_pᵀ (eq. 10).
+                    weighted = preserve_weight * statistics.second_moment(layer).to(torch.float64)
+                    previous = weighted if previous is None else previous + weighted
                 update = alphaedit_factors(
                     states.keys[layer], residuals, found[layer], alpha=alpha * scale, previous_gram=previous
                 )
@@ -173,6 +196,7 @@ def compute_alphaedit(
     keys: dict[int, Tensor] | None = None,
     progress: bool = False,
     timings: dict[str, float] | None = None,
+    target_cache: TargetCache | None = None,
 ) -> EditDelta:
     """Compute the AlphaEdit delta of ``requests`` without changing ``model`` (``compute_edit(method="alphaedit")``).
 
@@ -183,7 +207,8 @@ def compute_alphaedit(
         layers: edit layers (MEMIT's defaults when None).
         statistics: key statistics of the unedited model, a statistics file, or None for the cached ones.
         hparams: MEMIT's hyper-parameters (``EditHyperParams.for_model(model, "alphaedit")`` when None);
-            ``hparams.extra`` may hold ``nullspace_threshold`` and ``alpha``.
+            ``hparams.extra`` may hold ``nullspace_threshold``, ``nullspace_rule``, ``alpha`` and
+            ``preserve_weight`` (:func:`alphaedit_updates`).
         history: earlier AlphaEdit batches whose edits must be kept.
         threshold: the null space's threshold (:data:`DEFAULT_THRESHOLD` when None; read by ``hparams.extra``'s
             ``nullspace_rule``, "energy" by default).
@@ -192,6 +217,7 @@ def compute_alphaedit(
         keys: when given, filled with the keys written per layer (for ``history.push(delta, keys)``).
         progress: print progress to stderr.
         timings: when given, filled with seconds per phase.
+        target_cache: a :class:`~.target_cache.TargetCache` for the target values, or None.
 
     Returns:
         The :class:`EditDelta` (method ``"alphaedit"``; threshold and alpha recorded in its hyper-parameters).
@@ -212,19 +238,21 @@ def compute_alphaedit(
     threshold = float(threshold if threshold is not None else hp.extra.get("nullspace_threshold", DEFAULT_THRESHOLD))
     alpha = float(alpha if alpha is not None else hp.extra.get("alpha", DEFAULT_ALPHA))
     rule = str(hp.extra.get("nullspace_rule", DEFAULT_NULLSPACE_RULE))
-    _check_options(threshold, alpha, rule)
+    preserve_weight = float(hp.extra.get("preserve_weight", hp.mom2_weight))
+    _check_options(threshold, alpha, rule, preserve_weight)
     timer = PhaseTimer()
     with eval_mode(model):
         with timer.phase("statistics"):
             stats = resolve_statistics(model, tokenizer, hp.layers, statistics, progress=progress)
         factors, written, _ = alphaedit_updates(
             model, tokenizer, requests, stats, hp, history=history, threshold=threshold, alpha=alpha, rule=rule,
-            bases=bases, timer=timer, progress=progress,
+            preserve_weight=preserve_weight, bases=bases, timer=timer, progress=progress, target_cache=target_cache,
         )
         with timer.phase("solve"):
             delta = EditDelta.from_model(
                 model, factors, method="alphaedit",
                 hparams={**hp.to_dict(), "nullspace_threshold": threshold, "nullspace_rule": rule, "alpha": alpha,
+                         "preserve_weight": preserve_weight,
                          "previous_edits": history.num_edits if history is not None else 0},
                 request_ids=[r.case_id for r in requests], tokenizer=tokenizer,
             )

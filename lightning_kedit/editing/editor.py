@@ -26,6 +26,9 @@ from .memit import PhaseTimer, memit_updates
 from .rome import rome_updates
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
+    from .history import EditHistory
     from .target_cache import TargetCache
 
 __all__ = ["auto_edit_layers", "compute_edit", "edit", "resolve_statistics"]
@@ -82,6 +85,8 @@ def compute_edit(
     progress: bool = False,
     timings: dict[str, float] | None = None,
     target_cache: TargetCache | None = None,
+    history: EditHistory | None = None,
+    keys: dict[int, Tensor] | None = None,
 ) -> EditDelta:
     """Compute the weight change that writes ``requests`` into ``model``, without changing the model.
 
@@ -89,8 +94,8 @@ def compute_edit(
         model: a causal LM of a supported architecture.
         tokenizer: its tokenizer.
         requests: the facts to write (all in one edit).
-        method: ``"memit"``, ``"rome"``, ``"ft"`` or ``"alphaedit"`` (without a history here; see
-            :func:`~lightning_kedit.editing.sequential.edit_sequentially`).
+        method: ``"memit"``, ``"rome"``, ``"ft"`` or ``"alphaedit"`` (for sequences of AlphaEdit batches see
+            :func:`~lightning_kedit.editing.sequential.edit_sequentially`, or pass ``history`` and ``keys``).
         layers: edit layers; the method's per-architecture default when None; ``"auto"`` measures them by
             causal tracing (:func:`auto_edit_layers`).
         statistics: key statistics (``KeyStatistics``), a statistics file, or None for the cached statistics
@@ -99,7 +104,9 @@ def compute_edit(
         progress: print progress to stderr.
         timings: when given, filled with seconds per phase (prefixes, keys, targets, solve).
         target_cache: a :class:`~lightning_kedit.editing.target_cache.TargetCache` to read and store target
-            values in (MEMIT and ROME), or None to always optimise them.
+            values in (MEMIT, ROME and AlphaEdit), or None to always optimise them.
+        history: AlphaEdit only: the earlier batches whose edits the new one must keep.
+        keys: AlphaEdit only: filled with the keys written per layer (for ``history.push(delta, keys)``).
 
     Returns:
         The :class:`EditDelta`; apply it with ``delta.apply(model)``.
@@ -120,7 +127,10 @@ def compute_edit(
         from .alphaedit import compute_alphaedit
 
         return compute_alphaedit(model, tokenizer, requests, layers=layers, statistics=statistics, hparams=hparams,
-                                 progress=progress, timings=timings)
+                                 progress=progress, timings=timings, target_cache=target_cache, history=history,
+                                 keys=keys)
+    if history is not None or keys is not None:
+        raise KeditError(f"`history` and `keys` are AlphaEdit's; method={method!r} does not use them")
     hp = resolve_hparams(model, method, layers, hparams)
     timer = PhaseTimer()
     ids = [r.case_id for r in requests]

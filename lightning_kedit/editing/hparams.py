@@ -49,8 +49,10 @@ __all__ = [
 
 #: The edit methods this package computes.
 METHODS = ("memit", "rome", "ft", "alphaedit")
-#: AlphaEdit's null-space threshold: the share of the preserved keys' energy the null space may hold.
-DEFAULT_NULLSPACE_THRESHOLD = 1e-2
+#: AlphaEdit's null-space threshold: the share of the preserved keys' energy the null space may hold. Half:
+#: smaller null spaces force larger updates through directions the edit keys barely use, which hurts more
+#: than the energy they exclude (SmolLM2 sweep, docs/benchmarks/sequential.md).
+DEFAULT_NULLSPACE_THRESHOLD = 0.5
 #: How the threshold is read (:data:`~.nullspace.NULL_SPACE_RULES`): "energy" (a share of ``trace C``) or
 #: "eigenvalue" (a share of the largest eigenvalue, which fails on keys with outlier directions).
 DEFAULT_NULLSPACE_RULE = "energy"
@@ -182,7 +184,7 @@ class EditHyperParams:
             >>> EditHyperParams.for_model(model, "rome").layers
             (1,)
             >>> EditHyperParams.for_model(model, "alphaedit").extra
-            {'nullspace_threshold': 0.01, 'nullspace_rule': 'energy', 'alpha': 1.0}
+            {'nullspace_threshold': 0.5, 'nullspace_rule': 'energy', 'alpha': 1.0, 'preserve_weight': 15000.0}
         """
         if method not in METHODS:
             raise HyperParamError(f"`method`={method!r} is not one of {', '.join(METHODS)}")
@@ -200,7 +202,8 @@ class EditHyperParams:
             if method == "alphaedit":
                 # AlphaEdit keeps MEMIT's pipeline; λ is not used by its solve.
                 base = base.replace(extra={"nullspace_threshold": DEFAULT_NULLSPACE_THRESHOLD,
-                                           "nullspace_rule": DEFAULT_NULLSPACE_RULE, "alpha": DEFAULT_ALPHA})
+                                           "nullspace_rule": DEFAULT_NULLSPACE_RULE, "alpha": DEFAULT_ALPHA,
+                                           "preserve_weight": base.mom2_weight})
         elif method == "rome":
             chosen = (min(n - 1, max(0, round(n * 0.17))),)
             base = cls(layers=chosen, clamp_norm=clamp, prefix_lengths=((5, 10), (10, 10)))
