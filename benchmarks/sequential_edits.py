@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="comma-separated numbers of edits after which to evaluate (default: after every batch; "
                              "the last batch is always evaluated)")
     parser.add_argument("--out", default="benchmarks/results/sequential_edits.json")
+    parser.add_argument("--merge", default=None, metavar="A.json,B.json",
+                        help="run nothing: merge the rows of earlier runs into --out and plot them together")
     return parser.parse_args(argv)
 
 
@@ -104,10 +106,24 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def merge(paths: list[str], out: Path) -> None:
+    """One JSON and one plot from several runs (e.g. one method per run, measured one after another)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [row for run in runs for row in run["rows"]]
+    out.write_text(json.dumps({"runs": [{"file": Path(p).name, "setup": r["setup"]} for p, r in zip(paths, runs,
+                                                                                                  strict=True)],
+                               "rows": rows}, indent=1))
+    plot(rows, out.with_suffix(".png"))
+    print(f"{len(rows)} rows of {len(runs)} runs -> {out} and {out.with_suffix('.png')}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merge([p for p in args.merge.split(",") if p], out)
+        return
     model, tokenizer = load_model("smollm2")
     requests = load_requests(args.requests, n=args.n)
     rows: list[dict[str, Any]] = []
