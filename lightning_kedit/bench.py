@@ -196,11 +196,11 @@ class _Context:
             self.resolved = editor.resolve_statistics(model, self.tokenizer, self.stat_layers, self.statistics,
                                                       progress=self.verbose)
         phases: dict[str, float] = {}
-        sequence = {"history": history, "keys": keys} if history is not None else {}
-        delta = editor.compute_edit(
-            model, self.tokenizer, list(requests), method=method.method, statistics=self.resolved, hparams=hp,
-            progress=self.verbose, timings=phases, target_cache=self.target_cache, **sequence,
-        )
+        common: dict[str, Any] = dict(method=method.method, statistics=self.resolved, hparams=hp,
+                                      progress=self.verbose, timings=phases, target_cache=self.target_cache)
+        if history is not None:  # AlphaEdit's sequence; the other methods take neither argument
+            common.update(history=history, keys=keys)
+        delta = editor.compute_edit(model, self.tokenizer, list(requests), **common)
         for phase, seconds in phases.items():
             timings[phase] = round(timings.get(phase, 0.0) + seconds, 3)
         return delta
