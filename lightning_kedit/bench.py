@@ -72,6 +72,8 @@ __all__ = [
 
 #: The method name of the rows that measure the model before editing.
 UNEDITED = "unedited"
+#: A sequential run saves its state after each evaluation, and between them at least this often (seconds).
+CHECKPOINT_SECONDS = 300.0
 #: The editing methods the harness runs, batch or ``-seq``.
 BENCH_METHODS: tuple[str, ...] = METHODS
 
@@ -335,6 +337,13 @@ def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], co
         history = history if history is not None else EditHistory()
     done, edit_total = (state.edits, state.edit_seconds) if state else (0, 0.0)
     base = _layer_weights(model, list(state.weights)) if state else {}
+
+    def checkpoint() -> None:
+        if history is not None:
+            history.save(history_dir)  # before the weights: a state is only used with a history that matches
+        _save_state(path, model, method, context, base, done, edit_total)
+
+    saved_at = time.perf_counter()
     try:
         if state:
             _restore(model, state.weights)
@@ -356,6 +365,9 @@ def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], co
                         history.push(delta, keys, model=None, initial=base)
                     edit_total += time.perf_counter() - start
                     done += len(chunk)
+                    if done < n and time.perf_counter() - saved_at > CHECKPOINT_SECONDS:
+                        checkpoint()  # a long stretch between evaluations resumes from here
+                        saved_at = time.perf_counter()
                 if n in pending:
                     metrics, eval_s = context.evaluate(model, n)
             if n in pending:
@@ -363,9 +375,8 @@ def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], co
                                   batch_size=batch, phases=phases, cached_targets=context.target_cache.hits - hits)
                 results.add(row)
                 progress.finish(row, edits)
-            if history is not None:
-                history.save(history_dir)  # before the weights: a state is only used with a history that matches
-            _save_state(path, model, method, context, base, done, edit_total)
+            checkpoint()
+            saved_at = time.perf_counter()
     finally:
         _restore(model, base)
 

@@ -11,6 +11,7 @@ import torch
 from conftest import shared_data
 from tiny_models import tiny_model
 
+from lightning_kedit import bench
 from lightning_kedit.bench import ResourceMeter, parse_counts, parse_methods, run_bench
 from lightning_kedit.bench_report import PLOT_FILE, ROW_KEYS, SEED_SUCCESS, TABLE_FILE, BenchError, success_table
 from lightning_kedit.editing import editor
@@ -143,6 +144,26 @@ def test_interrupted_run_keeps_finished_cells_and_resumes(model_and_tokenizer, m
     monkeypatch.setattr(editor, "compute_edit", resumed.compute_edit)
     _bench(model_and_tokenizer, tmp_path / "out", tmp_path)
     assert resumed.calls == [("rome", 1), ("rome", 1)]  # from the state saved after the first ROME edit
+
+
+def test_sequential_run_resumes_between_evaluations(model_and_tokenizer, monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every edit
+    failing = StubEditor(fail_at=4)  # rome 1 (evaluated), rome 2, rome 3, then interrupted on the way to 6
+    monkeypatch.setattr(editor, "compute_edit", failing.compute_edit)
+    monkeypatch.setattr(editor, "resolve_statistics", lambda *args, **kwargs: None)
+    with pytest.raises(KeyboardInterrupt):
+        _bench(model_and_tokenizer, tmp_path / "a", tmp_path, methods="rome-seq", counts="1,6")
+    resumed = StubEditor()
+    monkeypatch.setattr(editor, "compute_edit", resumed.compute_edit)
+    _bench(model_and_tokenizer, tmp_path / "a", tmp_path, methods="rome-seq", counts="1,6")
+    assert resumed.calls == [("rome", 1)] * 3  # edits 4-6: the first three were saved
+    monkeypatch.setattr(bench, "CHECKPOINT_SECONDS", 300.0)
+    _bench(model_and_tokenizer, tmp_path / "b", tmp_path, methods="rome-seq", counts="1,6")
+    rows_a, rows_b = (
+        {r["n"]: r for r in json.loads((tmp_path / name / "results.json").read_text())["rows"]} for name in "ab"
+    )
+    for key in ("efficacy_prob", "paraphrase_prob", "neighborhood_prob"):
+        assert rows_a[6][key] == pytest.approx(rows_b[6][key], abs=1e-12)
 
 
 def test_sequential_state_matches_an_uninterrupted_run(model_and_tokenizer, stub, tmp_path):
