@@ -23,6 +23,7 @@ from lightning_kedit.tracing import (
     choose_edit_layers,
     embedding_noise_scale,
     restored_layers,
+    select_edit_window,
 )
 from lightning_kedit.tracing_plots import plot_trace, save_average_figure, save_trace_figures
 
@@ -242,6 +243,50 @@ def test_best_window_against_brute_force():
         best_window(curve, 18)
 
 
+def _one_se_window_naive(effects, window):
+    """select_edit_window by loops over facts and windows, in float64."""
+    rows = effects.double().tolist()
+    starts = range(len(rows[0]) - window + 1)
+    totals = [[sum(row[s : s + window]) for s in starts] for row in rows]
+    means = [sum(t[s] for t in totals) / len(totals) for s in starts]
+    best = max(starts, key=lambda s: (means[s], -s))
+    start = best
+    while start + 1 in starts:
+        deficits = [t[best] - t[start + 1] for t in totals]
+        mean = sum(deficits) / len(deficits)
+        variance = sum((d - mean) ** 2 for d in deficits) / (len(deficits) - 1)
+        if mean > (variance / len(deficits)) ** 0.5:
+            break
+        start += 1
+    return list(range(start, start + window))
+
+
+def test_select_edit_window_against_naive_one_standard_error_rule():
+    generator = torch.Generator().manual_seed(1)
+    peak = torch.exp(-((torch.arange(12.0) - 5) ** 2) / 8)
+    for facts, noise in ((3, 0.05), (20, 0.2), (50, 0.5), (8, 2.0)):
+        effects = peak + noise * torch.randn(facts, 12, generator=generator)
+        for window in (1, 3, 5):
+            chosen = select_edit_window(effects, window)
+            assert chosen == _one_se_window_naive(effects, window)
+            assert chosen[0] >= best_window(effects.mean(0), window)[0]
+
+
+def test_select_edit_window_separates_a_clear_peak_and_moves_deeper_on_a_plateau():
+    clear = torch.tensor([[0.0, 0.1, 1.0, 0.1, 0.0]]).repeat(10, 1) + 0.01 * torch.arange(10.0)[:, None]
+    assert select_edit_window(clear, 1) == [2]  # every fact agrees: the peak is not in doubt
+    # [2, 3] trails [1, 2] by 0.083 with a paired standard error of 0.117; [3, 4] trails by 1.18
+    plateau = torch.tensor([[0.0, 1.0, 1.3, 1.1, 0.0], [0.0, 1.2, 1.0, 0.9, 0.0], [0.0, 1.1, 1.0, 1.05, 0.0]])
+    assert best_window(plateau.mean(0), 2) == [1, 2] and select_edit_window(plateau, 2) == [2, 3]
+    consistent = torch.tensor([[0.0, 1.2, 1.1, 1.0, 0.0], [0.0, 1.3, 1.2, 1.1, 0.0], [0.0, 1.1, 1.0, 0.9, 0.0]])
+    assert select_edit_window(consistent, 2) == [1, 2]  # every fact prefers [1, 2] by 0.2: no move
+    assert select_edit_window(torch.tensor([0.0, 2.0, 1.0, 0.0]), 2) == [1, 2]  # one curve: the best window
+    with pytest.raises(TracingError, match="`effects`"):
+        select_edit_window(torch.zeros(0, 4), 2)
+    with pytest.raises(TracingError, match="`window`=5"):
+        select_edit_window(torch.zeros(3, 4), 5)
+
+
 FACTS = [("r1", "{} is", "The capital of Italy", "Rome"), ("r2", "{} plays the", "Toko Yasuda", "guitar"),
          ("r3", "{} speaks", "Danielle Darrieux", "French")]
 
@@ -295,17 +340,26 @@ def test_choose_edit_layers_measures_and_caches(tmp_path, monkeypatch):
                 EditRequest("b", "{} plays the", "Toko Yasuda", "piano")]
     layers = choose_edit_layers(model, tokenizer, requests, window=2, n=2, samples=2, trace_window=3)
     curve = average_trace(model, tokenizer, requests, 2, kinds=("mlp",), samples=2, window=3, known_only=False)
-    assert layers == best_window(curve.mean("mlp"), 2)
-    assert len(list((tmp_path / "layers").glob("*.json"))) == 1
+    assert layers == select_edit_window(curve.last_subject["mlp"], 2)
+    cached = list((tmp_path / "layers").glob("*.json"))
+    assert len(cached) == 1
+    entry = json.loads(cached[0].read_text())
+    torch.testing.assert_close(torch.tensor(entry["effects"], dtype=torch.float64), curve.last_subject["mlp"])
+    entry["effects"] = [[0.0, 0.0, 0.0, 0.0, 5.0, 5.0]] * 2  # the cache is what answers the next call
+    cached[0].write_text(json.dumps(entry))
+    assert choose_edit_layers(model, tokenizer, requests, window=2, n=2, samples=2, trace_window=3) == [4, 5]
+    del entry["effects"]  # an entry of an older version (mean curve only) is traced again
+    cached[0].write_text(json.dumps(entry))
+    assert choose_edit_layers(model, tokenizer, requests, window=2, n=2, samples=2, trace_window=3) == layers
+    assert "effects" in json.loads(cached[0].read_text())
 
     def no_tracing(*args, **kwargs):
         raise AssertionError("the cached curve should have been used")
 
     monkeypatch.setattr("lightning_kedit.tracing.averaging.average_trace", no_tracing)
     assert choose_edit_layers(model, tokenizer, requests, window=2, n=2, samples=2, trace_window=3) == layers
-    assert choose_edit_layers(model, tokenizer, requests, window=3, n=2, samples=2, trace_window=3) == best_window(
-        curve.mean("mlp"), 3
-    )
+    chosen = choose_edit_layers(model, tokenizer, requests, window=3, n=2, samples=2, trace_window=3)
+    assert chosen == select_edit_window(curve.last_subject["mlp"], 3)
     with pytest.raises(TracingError, match="`window`=7"):
         choose_edit_layers(model, tokenizer, requests, window=7)
 

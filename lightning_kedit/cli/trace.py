@@ -93,7 +93,7 @@ def _trace_one(model: Any, tokenizer: Any, args: argparse.Namespace, settings: d
 
 def _trace_many(model: Any, tokenizer: Any, args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     from lightning_kedit.requests import load_requests
-    from lightning_kedit.tracing import average_trace, best_window
+    from lightning_kedit.tracing import average_trace, select_edit_window
 
     if args.n < 1:
         raise KeditError(f"--n={args.n} must be a positive number of facts")
@@ -114,7 +114,7 @@ def _trace_many(model: Any, tokenizer: Any, args: argparse.Namespace, settings: 
         print(f"{layer:>5}  " + "  ".join(f"{result['last_subject'][k][layer]:+.4f}" for k in traced.kinds))
     if "mlp" in traced.kinds:
         window = min(max(1, args.layers_window), len(result["last_subject"]["mlp"]))
-        result["auto_layers"] = best_window(traced.mean("mlp"), window)
+        result["auto_layers"] = select_edit_window(traced.last_subject["mlp"], window)
         print(f"edit layers chosen from the MLP curve (window {window}): {result['auto_layers']}")
     if args.out:
         from lightning_kedit.tracing_plots import save_average_figure

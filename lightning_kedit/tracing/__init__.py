@@ -14,8 +14,8 @@ The package's modules:
 - :mod:`.tracer`: the noise level (:func:`embedding_noise_scale`), the restored windows
   (:func:`restored_layers`) and the batched clean, corrupted and restored runs.
 - :mod:`.trace`: :func:`causal_trace`, one prompt's trace.
-- :mod:`.averaging`: :func:`average_trace` over many facts, :func:`best_window` and :func:`choose_edit_layers`
-  (``layers="auto"``).
+- :mod:`.averaging`: :func:`average_trace` over many facts; :func:`best_window`, :func:`select_edit_window` and
+  :func:`choose_edit_layers` (``layers="auto"``).
 
 Example:
     >>> from lightning_kedit import load_model  # doctest: +SKIP
@@ -27,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from .averaging import average_trace, best_window, choose_edit_layers
+from .averaging import average_trace, best_window, choose_edit_layers, select_edit_window
 from .results import KINDS, AverageTrace, TraceResult, TracingError
 from .trace import causal_trace
 from .tracer import embedding_noise_scale, restored_layers
@@ -43,4 +43,5 @@ __all__ = [
     "choose_edit_layers",
     "embedding_noise_scale",
     "restored_layers",
+    "select_edit_window",
 ]

@@ -2,8 +2,9 @@
 
 :func:`average_trace` traces each fact only at the subject's last token and the prompt's last token, where
 ROME reads the MLP and attention effects. :func:`choose_edit_layers` averages the MLP effect at the subject's
-last token over known facts and returns the window of consecutive layers where it is largest
-(:func:`best_window`); the averaged curve is cached per model, facts and settings.
+last token over known facts and returns a window of consecutive layers where it is large
+(:func:`select_edit_window`: the deepest window the trace cannot tell from the best one); the per-fact
+curves are cached per model, facts and settings.
 
 Example:
     >>> curves = average_trace(model, tokenizer, load_requests("counterfact-val.json"), n=50)  # doctest: +SKIP
@@ -31,7 +32,7 @@ from .results import KINDS, AverageTrace, TracingError
 from .trace import causal_trace, check_kinds, encode_prompt
 from .tracer import model_device
 
-__all__ = ["average_trace", "best_window", "choose_edit_layers"]
+__all__ = ["average_trace", "best_window", "choose_edit_layers", "select_edit_window"]
 
 _WHERE = ("last_subject", "last_token")  # the two tokens of an averaged trace
 
@@ -149,6 +150,51 @@ def best_window(curve: Tensor, window: int) -> list[int]:
     return list(range(start, start + window))
 
 
+def select_edit_window(effects: Tensor, window: int) -> list[int]:
+    """Edit layers from per-fact MLP effects: the deepest window the trace cannot tell from the best one.
+
+    ``effects`` holds one row of indirect effects per traced fact (``(facts, layers)``). Each fact's total
+    over every window of ``window`` consecutive layers is formed; the best window has the largest mean
+    total (:func:`best_window`). A window is *indistinguishable* from it when its mean deficit against the
+    best, paired fact by fact, is at most one standard error of that deficit (the one-standard-error rule of
+    model selection). Starting at the best window, the choice moves one layer deeper while the next window
+    is indistinguishable, and stops at the first that is not; it never jumps over a window the trace
+    separates from the best.
+
+    Why deeper: MEMIT writes its target residual at the window's last layer, and on the measured model
+    (docs/benchmarks/tracing.md) the window one layer shallower than the tuned one had the larger mean
+    effect by less than its noise but edited with a worse neighbourhood score. With one fact there is no
+    error estimate and the best window is returned.
+
+    Args:
+        effects: ``(facts, layers)`` indirect effects (``AverageTrace.last_subject["mlp"]``), or one
+            ``(layers,)`` curve.
+        window: how many consecutive layers to return.
+
+    Example:
+        >>> effects = torch.tensor([[0.0, 1.0, 1.3, 1.1, 0.0], [0.0, 1.2, 1.0, 0.9, 0.0], [0.0, 1.1, 1.0, 1.05, 0.0]])
+        >>> best_window(effects.mean(0), 2)
+        [1, 2]
+        >>> select_edit_window(effects, 2)  # [2, 3] trails [1, 2] by 0.08 ± 0.12: within the noise
+        [2, 3]
+    """
+    if effects.dim() == 1:
+        effects = effects.unsqueeze(0)
+    if effects.dim() != 2 or effects.shape[0] == 0:
+        raise TracingError(f"`effects` must be a (facts, layers) tensor with a fact; got shape {tuple(effects.shape)}")
+    best = best_window(effects.double().mean(0), window)[0]
+    facts = effects.shape[0]
+    if facts < 2:
+        return list(range(best, best + window))
+    totals = effects.double().unfold(1, window, 1).sum(-1)  # (facts, windows)
+    deficits = totals[:, best : best + 1] - totals  # paired, fact by fact
+    mean, error = deficits.mean(0), deficits.std(0) / facts**0.5
+    start = best
+    while start + 1 < totals.shape[1] and mean[start + 1] <= error[start + 1]:
+        start += 1
+    return list(range(start, start + window))
+
+
 def choose_edit_layers(
     model: nn.Module,
     tokenizer: Any,
@@ -162,12 +208,13 @@ def choose_edit_layers(
     cache: bool = True,
     progress: bool = False,
 ) -> list[int]:
-    """Edit layers measured rather than guessed: the window with the largest MLP effect (``layers="auto"``).
+    """Edit layers measured rather than guessed: a window where the MLPs carry the facts (``layers="auto"``).
 
-    The MLP indirect effect at the subject's last token is averaged over up to ``n`` known facts
-    (:func:`average_trace`), and the ``window`` consecutive layers with the largest total are returned.
-    The averaged curve is cached in ``cache_dir()/layers/`` under a digest of the model fingerprint, the
-    requests and the trace settings, so a later call with other ``window`` sizes is instant.
+    The MLP indirect effect at the subject's last token is traced for up to ``n`` known facts
+    (:func:`average_trace`), and :func:`select_edit_window` returns the deepest ``window`` consecutive
+    layers whose total effect the trace cannot tell from the largest. The per-fact curves are cached in
+    ``cache_dir()/layers/`` under a digest of the model fingerprint, the requests and the trace settings,
+    so a later call with other ``window`` sizes is instant.
 
     Args:
         model: a supported causal LM.
@@ -195,7 +242,9 @@ def choose_edit_layers(
     requests = list(requests)
     path = _curve_path(model, tokenizer, requests, n=n, samples=samples, seed=seed, trace_window=trace_window)
     if cache and path.is_file():
-        return best_window(torch.tensor(json.loads(path.read_text())["curve"]), window)
+        cached = json.loads(path.read_text())
+        if "effects" in cached:  # entries of older versions hold only the mean curve: traced again
+            return select_edit_window(torch.tensor(cached["effects"], dtype=torch.float64), window)
     settings: dict[str, Any] = dict(kinds=("mlp",), samples=samples, seed=seed, window=trace_window, progress=progress)
     traced = average_trace(model, tokenizer, requests, n, **settings)
     if traced.n == 0:
@@ -203,14 +252,19 @@ def choose_edit_layers(
         traced = average_trace(model, tokenizer, unknown, n, known_only=False, **settings)
     if traced.n == 0:
         raise TracingError("`requests` is empty; give at least one fact to trace")
-    curve = traced.mean("mlp")
+    effects = traced.last_subject["mlp"]
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        entry = {"curve": curve.tolist(), "case_ids": list(traced.case_ids), "known_only": traced.known_only}
+        entry = {
+            "curve": traced.mean("mlp").tolist(),
+            "effects": effects.tolist(),
+            "case_ids": list(traced.case_ids),
+            "known_only": traced.known_only,
+        }
         partial = path.with_name(f".{path.name}.partial")
         partial.write_text(json.dumps(entry) + "\n")
         partial.replace(path)
-    return best_window(curve, window)
+    return select_edit_window(effects, window)
 
 
 def _curve_path(model: nn.Module, tokenizer: Any, requests: Sequence[EditRequest], **settings: Any) -> Path:
