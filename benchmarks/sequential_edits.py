@@ -84,6 +84,9 @@ def print_row(entry: dict[str, Any]) -> None:
     print(" | ".join(cells), flush=True)
 
 
+_RELATIVE_TO_UNEDITED = ("neighborhood", "perplexity")  # the criteria read against the unedited model
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
     try:
         import matplotlib
@@ -98,10 +101,18 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     for axis, name in zip(axes, names, strict=True):
         for method in dict.fromkeys(r["method"] for r in rows):
             points = [(r["edits"], r[name]) for r in rows if r["method"] == method]
-            axis.plot(*zip(*points, strict=True), marker="o", label=method)
+            if method == "unedited" and name not in _RELATIVE_TO_UNEDITED:
+                continue  # far below the edited curves: it would flatten them
+            if method == "unedited" and len(points) == 1:  # one reference value: a line across the plot
+                axis.axhline(points[0][1], color="grey", linestyle="--", label="unedited")
+            else:
+                style = {"color": "grey", "linestyle": "--"} if method == "unedited" else {"marker": "o"}
+                axis.plot(*zip(*points, strict=True), label=method, **style)
         axis.set_title(name)
         axis.set_xlabel("edits")
-    axes[0].legend()
+    for axis in axes:
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
