@@ -7,10 +7,13 @@ measures efficacy (the success rate), paraphrase, neighbourhood, score and, with
 - Batch methods (``memit``, ``ft``, ``rome``, ``alphaedit``) run each ``N`` from the unedited weights: the delta
   is computed, applied, evaluated and reverted bit for bit before the next cell.
 - Sequential methods (``rome-seq``, ``memit-seq``, ``ft-seq``, ``alphaedit-seq``) edit once, ``batch_size``
-  facts at a time (ROME: one), and evaluate at a checkpoint at each ``N`` on every fact edited so far. The
-  edited weights are saved at each checkpoint (``state/<method>.safetensors``; AlphaEdit also its
-  :class:`~lightning_kedit.editing.history.EditHistory`, whose keys each later batch must keep, in
-  ``state/<method>.history/``), so a later run continues from the largest one.
+  facts at a time (ROME: one), and evaluate at each ``N`` on every fact edited so far. The edited weights are
+  saved after each evaluation and at least every :data:`CHECKPOINT_SECONDS` between them
+  (``state/<method>.safetensors``; AlphaEdit also its :class:`~lightning_kedit.editing.history.EditHistory`,
+  whose keys each later batch must keep, in ``state/<method>.history/``), so a later run continues from there.
+  A batch is cut short at each ``N``, so a saved state is continued only by a run with the same ``N`` below it.
+  A resumed cell's ``edit_seconds`` counts from the first edit; its CPU seconds, peak memory and phases cover
+  the resumed part only.
 - ``unedited`` rows (the model before editing) give the floor that editing must beat.
 
 Finished cells are kept in ``results.json`` (written atomically after every cell), and a run resumes by
@@ -192,11 +195,8 @@ class _Context:
         from lightning_kedit.editing import editor
 
         hp = self.hparams[method.name]
-        if method.method != "ft" and self.resolved is None:
-            # Once, on the unedited weights, for the layers of every method: sequential edits change the weights
-            # the statistics' fingerprint is taken from, and must not collect them again.
-            self.resolved = editor.resolve_statistics(model, self.tokenizer, self.stat_layers, self.statistics,
-                                                      progress=self.verbose)
+        if method.method != "ft":
+            self.resolve_statistics(model)
         phases: dict[str, float] = {}
         common: dict[str, Any] = dict(method=method.method, statistics=self.resolved, hparams=hp,
                                       progress=self.verbose, timings=phases, target_cache=self.target_cache)
@@ -206,6 +206,18 @@ class _Context:
         for phase, seconds in phases.items():
             timings[phase] = round(timings.get(phase, 0.0) + seconds, 3)
         return delta
+
+    def resolve_statistics(self, model: nn.Module) -> None:
+        """Load or collect the key statistics once, for the layers of every method; call on unedited weights.
+
+        Sequential edits change the weights the statistics' fingerprint is taken from: statistics resolved on an
+        edited model (a resumed run's restored state) would be collected again, on other weights.
+        """
+        from lightning_kedit.editing import editor
+
+        if self.resolved is None:
+            self.resolved = editor.resolve_statistics(model, self.tokenizer, self.stat_layers, self.statistics,
+                                                      progress=self.verbose)
 
     def evaluate(self, model: nn.Module, n: int) -> tuple[dict[str, Any], float]:
         start = time.perf_counter()
@@ -270,9 +282,18 @@ def _read_state(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]] | 
         return None
 
 
+def _cuts(counts: Sequence[int], edits: int, batch: int) -> str:
+    """Where a run of ``edits`` edits cut its batches short (the counts below it), when batches can be cut."""
+    return json.dumps([n for n in counts if n < edits] if batch > 1 else [])
+
+
 def _load_state(path: Path, model: nn.Module, method: BenchMethod, context: _Context,
-                pending: Sequence[int]) -> _SequentialState | None:
-    """The saved state of a sequential run, when it was made on this model's weights with these settings."""
+                counts: Sequence[int], pending: Sequence[int], batch: int) -> _SequentialState | None:
+    """The saved state of a sequential run, when it was made on this model's weights with these settings.
+
+    With batches of more than one request, the state must also have been cut into batches at the same counts:
+    a run evaluated at other counts edited other batches.
+    """
     read = _read_state(path) if path.is_file() else None
     if read is None:
         return None
@@ -287,6 +308,7 @@ def _load_state(path: Path, model: nn.Module, method: BenchMethod, context: _Con
         meta.get("settings") == context.settings_digest(method)
         and edits < len(context.digests) and meta.get("requests") == context.digests[edits]
         and all(n >= edits for n in pending)
+        and meta.get("cuts", "[]") == _cuts(counts, edits, batch)
         and set(base) == {str(layer) for layer in weights}
         and all(weights_hash(adapter.weight(int(layer))) == h for layer, h in base.items())
     )
@@ -294,7 +316,7 @@ def _load_state(path: Path, model: nn.Module, method: BenchMethod, context: _Con
 
 
 def _save_state(path: Path, model: nn.Module, method: BenchMethod, context: _Context,
-                base: Mapping[int, torch.Tensor], edits: int, edit_seconds: float) -> None:
+                base: Mapping[int, torch.Tensor], edits: int, edit_seconds: float, cuts: str) -> None:
     """Save the edited weights atomically, unless a state with more edits is already there."""
 
     existing = _read_state(path) if path.is_file() else None
@@ -306,6 +328,7 @@ def _save_state(path: Path, model: nn.Module, method: BenchMethod, context: _Con
         "method": method.name, "edits": str(edits), "edit_seconds": str(edit_seconds),
         "requests": context.digests[edits], "settings": context.settings_digest(method),
         "base": json.dumps({str(layer): weights_hash(weight) for layer, weight in base.items()}),
+        "cuts": cuts,
     }
     atomic_save_safetensors(tensors, path, metadata)
 
@@ -328,7 +351,7 @@ def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], co
     history_dir = path.with_suffix(".history")
     batch = 1 if method.method == "rome" else context.batch_size
     pending = [n for n in counts if results.row(method.name, n) is None]
-    state = _load_state(path, model, method, context, pending)
+    state = _load_state(path, model, method, context, counts, pending, batch)
     history = None
     if method.method == "alphaedit":
         # Each batch must keep the keys of all earlier ones: without the saved history, start again.
@@ -341,11 +364,13 @@ def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], co
     def checkpoint() -> None:
         if history is not None:
             history.save(history_dir)  # before the weights: a state is only used with a history that matches
-        _save_state(path, model, method, context, base, done, edit_total)
+        _save_state(path, model, method, context, base, done, edit_total, _cuts(counts, done, batch))
 
     saved_at = time.perf_counter()
     try:
         if state:
+            if method.method != "ft":
+                context.resolve_statistics(model)  # before the edited weights come back
             _restore(model, state.weights)
         for n in counts:
             if n not in pending and n <= done:

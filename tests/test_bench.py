@@ -155,8 +155,18 @@ def test_sequential_run_resumes_between_evaluations(model_and_tokenizer, monkeyp
         _bench(model_and_tokenizer, tmp_path / "a", tmp_path, methods="rome-seq", counts="1,6")
     resumed = StubEditor()
     monkeypatch.setattr(editor, "compute_edit", resumed.compute_edit)
+    model, _ = model_and_tokenizer
+    unedited, seen = _weights(model), []
+
+    def resolve(model, *args, **kwargs):  # the statistics must be taken from the unedited weights
+        seen.append(all(torch.equal(a, b) for a, b in zip(unedited, _weights(model), strict=True)))
+        return object()
+
+    monkeypatch.setattr(editor, "resolve_statistics", resolve)
     _bench(model_and_tokenizer, tmp_path / "a", tmp_path, methods="rome-seq", counts="1,6")
     assert resumed.calls == [("rome", 1)] * 3  # edits 4-6: the first three were saved
+    assert seen == [True]
+    monkeypatch.setattr(editor, "resolve_statistics", lambda *args, **kwargs: None)
     monkeypatch.setattr(bench, "CHECKPOINT_SECONDS", 300.0)
     _bench(model_and_tokenizer, tmp_path / "b", tmp_path, methods="rome-seq", counts="1,6")
     rows_a, rows_b = (
@@ -164,6 +174,19 @@ def test_sequential_run_resumes_between_evaluations(model_and_tokenizer, monkeyp
     )
     for key in ("efficacy_prob", "paraphrase_prob", "neighborhood_prob"):
         assert rows_a[6][key] == pytest.approx(rows_b[6][key], abs=1e-12)
+
+
+def test_batched_state_is_continued_only_with_the_same_cuts(model_and_tokenizer, stub, tmp_path):
+    _bench(model_and_tokenizer, tmp_path / "out", tmp_path, methods="memit-seq", counts="1,4", batch_size=2)
+    assert stub.calls == [("memit", 1), ("memit", 2), ("memit", 1)]  # cut at 1, then at 4
+    stub.calls.clear()
+    _bench(model_and_tokenizer, tmp_path / "out", tmp_path, methods="memit-seq", counts="1,4,6", batch_size=2)
+    assert stub.calls == [("memit", 2)]  # the same cuts below 4: continued
+    stub.calls.clear()
+    _bench(model_and_tokenizer, tmp_path / "other", tmp_path, methods="memit-seq", counts="1,4", batch_size=2)
+    stub.calls.clear()
+    _bench(model_and_tokenizer, tmp_path / "other", tmp_path, methods="memit-seq", counts="4,6", batch_size=2)
+    assert stub.calls == [("memit", 2)] * 3  # other cuts: an uninterrupted run edits [0:2], [2:4], [4:6]
 
 
 def test_sequential_state_matches_an_uninterrupted_run(model_and_tokenizer, stub, tmp_path):

@@ -3,8 +3,8 @@
 :func:`average_trace` traces each fact only at the subject's last token and the prompt's last token, where
 ROME reads the MLP and attention effects. :func:`choose_edit_layers` averages the MLP effect at the subject's
 last token over known facts and returns a window of consecutive layers where it is large
-(:func:`select_edit_window`: the deepest window the trace cannot tell from the best one); the per-fact
-curves are cached per model, facts and settings.
+(:func:`select_edit_window`: the deepest of the adjacent windows that the trace cannot tell from the
+best one); the per-fact curves are cached per model, facts and settings.
 
 Example:
     >>> curves = average_trace(model, tokenizer, load_requests("counterfact-val.json"), n=50)  # doctest: +SKIP
@@ -151,7 +151,7 @@ def best_window(curve: Tensor, window: int) -> list[int]:
 
 
 def select_edit_window(effects: Tensor, window: int) -> list[int]:
-    """Edit layers from per-fact MLP effects: the deepest window the trace cannot tell from the best one.
+    """Edit layers from per-fact MLP effects: the deepest adjacent window the trace cannot tell from the best.
 
     ``effects`` holds one row of indirect effects per traced fact (``(facts, layers)``). Each fact's total
     over every window of ``window`` consecutive layers is formed; the best window has the largest mean
@@ -211,10 +211,10 @@ def choose_edit_layers(
     """Edit layers measured rather than guessed: a window where the MLPs carry the facts (``layers="auto"``).
 
     The MLP indirect effect at the subject's last token is traced for up to ``n`` known facts
-    (:func:`average_trace`), and :func:`select_edit_window` returns the deepest ``window`` consecutive
-    layers whose total effect the trace cannot tell from the largest. The per-fact curves are cached in
-    ``cache_dir()/layers/`` under a digest of the model fingerprint, the requests and the trace settings,
-    so a later call with other ``window`` sizes is instant.
+    (:func:`average_trace`), and :func:`select_edit_window` returns ``window`` consecutive layers: from the
+    window with the largest total effect, moved deeper while the next window is within the trace's noise.
+    The per-fact curves are cached in ``cache_dir()/layers/`` under a digest of the model fingerprint, the
+    requests and the trace settings, so a later call with other ``window`` sizes is instant.
 
     Args:
         model: a supported causal LM.
