@@ -104,7 +104,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
             if method == "unedited" and name not in _RELATIVE_TO_UNEDITED:
                 continue  # far below the edited curves: it would flatten them
             if method == "unedited" and len(points) == 1:  # one reference value: a line across the plot
-                axis.axhline(points[0][1], color="grey", linestyle="--", label="unedited")
+                if points[0][1] is not None:
+                    axis.axhline(points[0][1], color="grey", linestyle="--", label=f"unedited ({points[0][0]} facts)")
             else:
                 style = {"color": "grey", "linestyle": "--"} if method == "unedited" else {"marker": "o"}
                 axis.plot(*zip(*points, strict=True), label=method, **style)
