@@ -174,7 +174,7 @@ class _Context:
     tokenizer: Any
     requests: Sequence[EditRequest]
     digests: list[str]
-    statistics: Any
+    statistics: Any  # resolved once, on the unedited weights (None when only FT runs)
     hparams: dict[str, EditHyperParams]
     target_cache: TargetCache
     ppl_text: str | None
@@ -182,8 +182,6 @@ class _Context:
     eval_batch_size: int
     batch_size: int
     verbose: bool
-    stat_layers: list[int]
-    resolved: Any = None
 
     def compute_edit(self, model: nn.Module, requests: Sequence[EditRequest], method: BenchMethod,
                      timings: dict[str, float], history: EditHistory | None = None,
@@ -195,10 +193,8 @@ class _Context:
         from lightning_kedit.editing import editor
 
         hp = self.hparams[method.name]
-        if method.method != "ft":
-            self.resolve_statistics(model)
         phases: dict[str, float] = {}
-        common: dict[str, Any] = dict(method=method.method, statistics=self.resolved, hparams=hp,
+        common: dict[str, Any] = dict(method=method.method, statistics=self.statistics, hparams=hp,
                                       progress=self.verbose, timings=phases, target_cache=self.target_cache)
         if history is not None:  # AlphaEdit's sequence; the other methods take neither argument
             common.update(history=history, keys=keys)
@@ -206,18 +202,6 @@ class _Context:
         for phase, seconds in phases.items():
             timings[phase] = round(timings.get(phase, 0.0) + seconds, 3)
         return delta
-
-    def resolve_statistics(self, model: nn.Module) -> None:
-        """Load or collect the key statistics once, for the layers of every method; call on unedited weights.
-
-        Sequential edits change the weights the statistics' fingerprint is taken from: statistics resolved on an
-        edited model (a resumed run's restored state) would be collected again, on other weights.
-        """
-        from lightning_kedit.editing import editor
-
-        if self.resolved is None:
-            self.resolved = editor.resolve_statistics(model, self.tokenizer, self.stat_layers, self.statistics,
-                                                      progress=self.verbose)
 
     def evaluate(self, model: nn.Module, n: int) -> tuple[dict[str, Any], float]:
         start = time.perf_counter()
@@ -369,8 +353,6 @@ def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], co
     saved_at = time.perf_counter()
     try:
         if state:
-            if method.method != "ft":
-                context.resolve_statistics(model)  # before the edited weights come back
             _restore(model, state.weights)
         for n in counts:
             if n not in pending and n <= done:
@@ -485,12 +467,17 @@ def run_bench(
                                 settings=settings)
     digests = _prefix_digests(requests)
     results.check_requests(lambda n: digests[n] if n < len(digests) else None)
-    stat_layers = sorted({layer for m in parsed if m.method != "ft" for layer in per_method[m.name].layers})
-    context = _Context(tokenizer, requests, digests, statistics, per_method, target_cache or TargetCache(),
-                       str(ppl_text) if ppl_text else None, ppl_tokens, eval_batch_size, batch_size, verbose,
-                       stat_layers)
     names = ([UNEDITED] if baseline else []) + [m.name for m in parsed]
     todo = {name: [n for n in ns if results.row(name, n) is None] for name in names}
+    if any(todo[m.name] for m in parsed if m.method != "ft"):
+        from lightning_kedit.editing import editor
+
+        # Once, on the unedited weights, for the layers of every method: their fingerprint is part of the
+        # statistics' cache key, and a sequential run (or its restored state) changes them.
+        stat_layers = sorted({layer for m in parsed if m.method != "ft" for layer in per_method[m.name].layers})
+        statistics = editor.resolve_statistics(model, tokenizer, stat_layers, statistics, progress=verbose)
+    context = _Context(tokenizer, requests, digests, statistics, per_method, target_cache or TargetCache(),
+                       str(ppl_text) if ppl_text else None, ppl_tokens, eval_batch_size, batch_size, verbose)
     cells = [(UNEDITED, n, 0) for n in todo.get(UNEDITED, [])]
     for m in parsed:
         previous = 0

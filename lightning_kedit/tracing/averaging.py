@@ -182,11 +182,12 @@ def select_edit_window(effects: Tensor, window: int) -> list[int]:
         effects = effects.unsqueeze(0)
     if effects.dim() != 2 or effects.shape[0] == 0:
         raise TracingError(f"`effects` must be a (facts, layers) tensor with a fact; got shape {tuple(effects.shape)}")
-    best = best_window(effects.double().mean(0), window)[0]
+    effects = effects.double()
+    best = best_window(effects.mean(0), window)[0]
     facts = effects.shape[0]
     if facts < 2:
         return list(range(best, best + window))
-    totals = effects.double().unfold(1, window, 1).sum(-1)  # (facts, windows)
+    totals = effects.unfold(1, window, 1).sum(-1)  # (facts, windows)
     deficits = totals[:, best : best + 1] - totals  # paired, fact by fact
     mean, error = deficits.mean(0), deficits.std(0) / facts**0.5
     start = best
