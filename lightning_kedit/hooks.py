@@ -34,11 +34,12 @@ __all__ = [
     "output_hooks",
     "run_until",
     "stop_after",
+    "stop_before",
 ]
 
 
 class StopForward(Exception):
-    """Raised by :func:`stop_after` to end a forward pass once the needed layers have run."""
+    """Raised by :func:`stop_after` and :func:`stop_before` to end a forward pass once it has what it needs."""
 
 
 def first_tensor(value: Any) -> torch.Tensor:
@@ -139,14 +140,42 @@ def stop_after(module: nn.Module) -> Iterator[None]:
         yield
 
 
-def run_until(model: nn.Module, module: nn.Module | None, **inputs: Any) -> Any:
+@contextmanager
+def stop_before(module: nn.Module) -> Iterator[None]:
+    """Raise :class:`StopForward` when ``module`` is called, before it runs.
+
+    The hook is appended after those already registered on ``module``, so their input hooks see the input first:
+    a pass that only needs a module's input (its keys) stops without computing the module.
+
+    Example:
+        >>> layer = torch.nn.Linear(3, 2)
+        >>> with capture_inputs({"fc": layer}) as seen, stop_before(layer):
+        ...     try:
+        ...         _ = layer(torch.ones(1, 3))
+        ...     except StopForward:
+        ...         pass
+        >>> len(seen["fc"]), len(layer._forward_pre_hooks)
+        (1, 0)
+    """
+
+    def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
+        raise StopForward
+
+    with _registered(lambda: [module.register_forward_pre_hook(hook)]):
+        yield
+
+
+def run_until(model: nn.Module, module: nn.Module | None, *, before: bool = False, **inputs: Any) -> Any:
     """Run ``model(**inputs)`` and stop right after ``module`` (or run it all when ``module`` is None).
+
+    With ``before=True`` the pass stops when ``module`` is called, after the input hooks already registered on
+    it have run but before the module itself (see :func:`stop_before`).
 
     Returns the model's output when it ran to the end, else ``None``.
     """
     if module is None:
         return model(**inputs)
-    with stop_after(module):
+    with stop_before(module) if before else stop_after(module):
         try:
             return model(**inputs)
         except StopForward:

@@ -65,17 +65,22 @@ def test_padding_changes_nothing():
     assert _relative(b.second_moment(2), a.second_moment(2)) < 1e-6
 
 
-def test_forward_stops_after_last_layer():
-    model = tiny_model("llama", num_layers=4)
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])
+def test_forward_stops_at_the_last_projection(model_type):
+    """The pass ends when the last edit layer's projection is called: it and the blocks above never run."""
+    model = tiny_model(model_type, num_layers=4)
     adapter = ModelAdapter.for_model(model)
-    calls: list[int] = []
-    handles = [adapter.block(i).register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i in range(4)]
+    blocks: list[int] = []
+    projections: list[int] = []
+    handles = [adapter.block(i).register_forward_hook(lambda m, a, o, i=i: blocks.append(i)) for i in range(4)]
+    handles += [adapter.mlp_out(i).register_forward_hook(lambda m, a, o, i=i: projections.append(i)) for i in range(4)]
     try:
-        collect_key_statistics(model, None, [0, 1], [torch.randint(1, 300, (2, 8))])
+        stats = collect_key_statistics(model, None, [0, 1], [torch.randint(1, 60, (2, 8))])
     finally:
         for handle in handles:
             handle.remove()
-    assert 3 not in calls and 2 not in calls
+    assert blocks == [0] and projections == [0]
+    assert stats.count(0) == stats.count(1) == 16
     assert all(len(adapter.mlp_out(i)._forward_pre_hooks) == 0 for i in range(4))
     assert all(len(adapter.mlp_out(i)._forward_hooks) == 0 for i in range(4))
 

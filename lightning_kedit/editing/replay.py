@@ -157,8 +157,9 @@ def _prefix_replay(
     prefix_kv = None
     with torch.no_grad():
         if prefix.shape[1]:
+            cache_inputs: dict[str, Any] = {cache_arg: cache}
             run_until(model, adapter.final_norm(), input_ids=prefix, attention_mask=prefix_mask,
-                      position_ids=prefix_pos, use_cache=True, **{cache_arg: cache})
+                      position_ids=prefix_pos, use_cache=True, **cache_inputs)
             # Rows whose subject is their first token have an all-padding prefix: zero its keys and values (which
             # attention masks out), so that no NaN of a fully masked softmax reaches the replayed positions.
             keep = prefix_mask.bool()[:, None, :, None]

@@ -1,9 +1,10 @@
 """Collecting key statistics: hooks on the MLP projections, one truncated pass over any data, and a cache.
 
-Every edit layer's keys come from the same forward pass, and the pass stops right after the MLP output
-projection of the last edit layer, so the layers above it never run: for SmolLM2 and layers 4-8 that is
-9 of 30 blocks and no LM head. Padding (and optionally BOS) tokens are dropped through the attention mask.
-What remains on top of that truncated pass is the arithmetic of the second moments (docs/benchmarks).
+Every edit layer's keys come from the same forward pass, and the pass stops when the MLP output projection
+of the last edit layer is called (its input holds the last keys), so neither that projection nor the layers
+above it run: for SmolLM2 and layers 4-8 that is 9 of 30 blocks less one projection, and no LM head.
+Padding (and optionally BOS) tokens are dropped through the attention mask. What remains on top of that
+truncated pass is the arithmetic of the second moments (docs/benchmarks).
 
 Example:
     >>> from lightning_kedit import load_model  # doctest: +SKIP
@@ -269,7 +270,8 @@ def collect_key_statistics(
                 if tokens == 0:
                     continue
                 tracker.mask = mask = mask.to(device)
-                run_until(model, stop, input_ids=ids.to(device), attention_mask=mask, use_cache=False)
+                # The keys are the last projection's input: the pass stops before the projection itself runs.
+                run_until(model, stop, before=True, input_ids=ids.to(device), attention_mask=mask, use_cache=False)
                 seen += tokens
                 bar.update(tokens)
                 if seen >= max_tokens:
