@@ -318,14 +318,24 @@ def _save_state(path: Path, model: nn.Module, method: BenchMethod, context: _Con
 
 
 def _load_history(folder: Path, state: _SequentialState | None) -> EditHistory | None:
-    """AlphaEdit's history saved beside ``state``, when it holds exactly the state's edits."""
+    """AlphaEdit's history saved beside ``state``, cut back to the state's edits (None if it holds fewer).
+
+    The history is written before the weights, so a run stopped between the two writes leaves a history some
+    batches ahead of the state: those batches are forgotten and computed again.
+    """
     if state is None or not (folder / "history.json").is_file():
         return None
     try:
         history = EditHistory.load(folder)
     except HistoryError:
         return None
-    return history if history.num_edits == state.edits else None
+    edits_after = [0]  # edits_after[b]: the requests written by the first b batches
+    for entry in history:
+        edits_after.append(edits_after[-1] + len(entry.delta.request_ids))
+    if state.edits not in edits_after:
+        return None
+    history.truncate(edits_after.index(state.edits))
+    return history
 
 
 def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], context: _Context,

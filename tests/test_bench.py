@@ -417,6 +417,36 @@ def test_alphaedit_seq_keeps_its_history_and_resumes_like_edit_sequentially(mode
     reference.revert(model, len(reference))
 
 
+def test_alphaedit_history_ahead_of_its_state_is_cut_back_not_restarted(model_and_tokenizer, tmp_path):
+    """A run stopped between the history's write and the state's: the next run keeps the state's batches."""
+    import shutil
+
+    from lightning_kedit.statistics import collect_key_statistics
+
+    model, tokenizer = model_and_tokenizer
+    before = _weights(model)
+    hp = EditHyperParams.for_model(model, "alphaedit")
+    statistics = collect_key_statistics(model, tokenizer, list(hp.layers), max_tokens=2000)
+    options = dict(methods="alphaedit-seq", statistics=statistics, hparams={"v_steps": 3}, batch_size=1,
+                   baseline=False, target_cache=TargetCache(tmp_path / "targets"))
+    state = tmp_path / "out" / "state"
+    _bench(model_and_tokenizer, tmp_path / "out", tmp_path, counts="1", **options)
+    shutil.copy(state / "alphaedit-seq.safetensors", tmp_path / "state_after_1.safetensors")
+    _bench(model_and_tokenizer, tmp_path / "out", tmp_path, counts="1,2", **options)
+    # As if the run had died right after writing the history of batch 2: the weights saved are batch 1's.
+    shutil.copy(tmp_path / "state_after_1.safetensors", state / "alphaedit-seq.safetensors")
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    saved["rows"] = [row for row in saved["rows"] if row["n"] == 1]
+    (tmp_path / "out" / "results.json").write_text(json.dumps(saved))
+    options["target_cache"] = cache = TargetCache(tmp_path / "targets")
+    results = _bench(model_and_tokenizer, tmp_path / "out", tmp_path, counts="1,2", **options)
+    assert results.row("alphaedit-seq", 2) is not None
+    assert cache.hits == 1  # only batch 2 ran again, from batch 1's weights (a restart would run both)
+    history = EditHistory.load(state / "alphaedit-seq.history")
+    assert history.num_edits == 2 and [d.hparams["previous_edits"] for d in history.deltas] == [0, 1]
+    assert all(torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))
+
+
 def test_cli_runs_a_tiny_model_folder(model_and_tokenizer, tmp_path, monkeypatch, capsys):
     from lightning_kedit.cli import main
     from lightning_kedit.models.fingerprint import model_fingerprint

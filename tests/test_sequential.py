@@ -97,6 +97,30 @@ def test_loaded_history_reverts_a_fresh_model_and_continues(setup, tokenizer, tm
     assert same(model, first)
 
 
+def test_truncate_forgets_later_batches_without_touching_the_model(setup, tokenizer):
+    """Weights put back by other means (an older checkpoint): the history is cut to match and continues."""
+    model, stats, hp = setup
+    first = layer_weights(model)
+    history = edit_sequentially(model, tokenizer, REQUESTS[:6], method="alphaedit", batch_size=2,
+                                statistics=stats, hparams=hp, threshold=1e-6)
+    after_one, now = history.weights_after(1), layer_weights(model)
+    with pytest.raises(HistoryError, match=r"must lie in \[0, 3\]"):
+        history.truncate(4)
+    history.truncate(1)
+    assert same(model, now)  # the model is not touched
+    assert len(history) == 1 and history.num_edits == 2 and history.keys(1).shape == (2, 64)
+    adapter = ModelAdapter.for_model(model)
+    with torch.no_grad():
+        for layer, weight in after_one.items():
+            adapter.weight(layer).copy_(weight)
+    assert history.changed_layers(model) == []
+    more = edit_sequentially(model, tokenizer, REQUESTS[2:4], method="alphaedit", batch_size=2, statistics=stats,
+                             hparams=hp, threshold=1e-6, history=history)
+    assert len(more) == 2 and more[1].delta.hparams["previous_edits"] == 2
+    history.revert(model, 2)
+    assert same(model, first)
+
+
 @pytest.mark.parametrize("method", ["rome", "ft"])
 def test_other_methods_run_sequentially(method, tokenizer):
     model = peaky()

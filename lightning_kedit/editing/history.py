@@ -231,10 +231,30 @@ class EditHistory:
                 for layer, weight in originals.items():
                     params[layer].copy_(weight)
             raise
-        del self._entries[len(self) - k :]
+        self._forget_after(len(self) - k, target)
+
+    def truncate(self, batches: int) -> None:
+        """Forget every batch after the first ``batches``; no model's weights change.
+
+        For weights that were put back to those after ``batches`` batches by other means (a checkpoint
+        older than the history, say); :meth:`revert` writes the weights as well.
+
+        Raises:
+            HistoryError: ``batches`` outside ``[0, len(history)]``.
+
+        Example:
+            >>> history = EditHistory()
+            >>> history.truncate(0)
+            >>> len(history)
+            0
+        """
+        self._forget_after(batches, self.weights_after(batches))
+
+    def _forget_after(self, batches: int, weights: dict[int, Tensor]) -> None:
+        del self._entries[batches:]
         still = {layer for entry in self._entries for layer in entry.delta.layers}
         self._initial = {layer: w for layer, w in self._initial.items() if layer in still}
-        self._current = {layer: w for layer, w in target.items() if layer in still}
+        self._current = {layer: w for layer, w in weights.items() if layer in still}
 
     # ------------------------------------------------------------------ files
     def save(self, folder: str | os.PathLike[str]) -> Path:
