@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -56,10 +57,12 @@ def import_layer_stats(checkout: Path, samples: list[str]) -> Any:
         package = types.ModuleType(name)
         package.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
         sys.modules[name] = package
-    datasets = types.ModuleType("datasets")
-    datasets.load_dataset = lambda *args, **kwargs: {"train": [{"text": text} for text in samples]}  # type: ignore[attr-defined]
-    sys.modules.setdefault("datasets", datasets)
-    return importlib.import_module("easyeditor.models.rome.layer_stats")
+    if importlib.util.find_spec("datasets") is None:  # only its name is imported: the loader is replaced below
+        sys.modules["datasets"] = types.ModuleType("datasets")
+        sys.modules["datasets"].load_dataset = None  # type: ignore[attr-defined]
+    module = importlib.import_module("easyeditor.models.rome.layer_stats")
+    module.load_dataset = lambda *args, **kwargs: {"train": [{"text": text} for text in samples]}
+    return module
 
 
 def token_batches(tokenizer: Any, samples: list[str], max_length: int, batch_tokens: int) -> list[tuple[Any, Any]]:
