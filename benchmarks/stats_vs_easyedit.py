@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from lightning_kedit.models import ModelAdapter
     from lightning_kedit.statistics import collect_key_statistics
 
+    samples = read_samples(args.text, args.samples)  # bad input is refused before the model loads
+    layer_stats = import_layer_stats(args.easyedit, samples)
     model, tokenizer = load_model(args.model)
     adapter = ModelAdapter.for_model(model)
     layers = parse_layers(args.layers, adapter.num_layers)
-    samples = read_samples(args.text, args.samples)
-    layer_stats = import_layer_stats(args.easyedit, samples)
     batches = token_batches(tokenizer, samples, args.max_length, args.batch_tokens)
     tokens = sum(int(mask.sum()) for _, mask in batches)
 
