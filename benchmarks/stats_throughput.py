@@ -196,6 +196,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     median_cpu = {name: statistics.median(values) for name, values in cpu.items()}
     last = args.layer_list[-1]
     ideal = (last + 1) / adapter.num_layers
+
+    def ratio(phase: str, reference: str) -> dict[str, float]:
+        return {"wall": median[phase] / median[reference], "cpu": median_cpu[phase] / median_cpu[reference]}
+
     results: dict[str, Any] = {
         "model": args.model,
         "layers": args.layer_list,
@@ -212,27 +216,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "median_wall_seconds": median,
         "median_cpu_seconds": median_cpu,
         "tokens_per_second": {name: tokens / value for name, value in median.items()},
-        "ratio_c_over_b": {
-            "wall": median["c_collection"] / median["b_truncated_forward"],
-            "cpu": median_cpu["c_collection"] / median_cpu["b_truncated_forward"],
-        },
+        "ratio_c_over_b": ratio("c_collection", "b_truncated_forward"),
         # Paired within each repeat, so that drift between repeats (up to 25 % on a shared VM) cancels.
         "ratio_c_over_b_per_repeat": {
             name: statistics.median(x / y for x, y in zip(cpu[name], cpu["b_truncated_forward"], strict=True))
             for name in ("c_collection", "c_float32_products", "b_stopped_at_keys")
         },
-        "ratio_c_over_b_keys": {
-            "wall": median["c_collection"] / median["b_stopped_at_keys"],
-            "cpu": median_cpu["c_collection"] / median_cpu["b_stopped_at_keys"],
-        },
-        "ratio_c_float32_products_over_b": {
-            "wall": median["c_float32_products"] / median["b_truncated_forward"],
-            "cpu": median_cpu["c_float32_products"] / median_cpu["b_truncated_forward"],
-        },
-        "ratio_c_over_a": {
-            "wall": median["c_collection"] / median["a_full_forward"],
-            "cpu": median_cpu["c_collection"] / median_cpu["a_full_forward"],
-        },
+        "ratio_c_over_b_keys": ratio("c_collection", "b_stopped_at_keys"),
+        "ratio_c_float32_products_over_b": ratio("c_float32_products", "b_truncated_forward"),
+        "ratio_c_over_a": ratio("c_collection", "a_full_forward"),
         "ideal_ratio_c_over_a": ideal,
         "peak_extra_memory_mb": {name: probe["peak_extra_bytes"] / 2**20 for name, probe in probes.items()},
         "collection_rss_per_batch_mb": {

@@ -67,24 +67,16 @@ def import_layer_stats(checkout: Path, samples: list[str]) -> Any:
 
 def token_batches(tokenizer: Any, samples: list[str], max_length: int, batch_tokens: int) -> list[tuple[Any, Any]]:
     """The samples tokenised as EasyEdit does (``encode``, cut at ``max_length``), packed by length, padded."""
+    from lightning_kedit.text_windows import window_batches
+
     sequences = sorted((tokenizer.encode(text, truncation=True, max_length=max_length) for text in samples), key=len)
-    batches, current = [], []
+    groups: list[list[list[int]]] = [[]]
     for ids in sequences:
-        if current and len(ids) * (len(current) + 1) > batch_tokens:
-            batches.append(current)
-            current = []
-        current.append(ids)
-    batches.append(current)
-    padded = []
-    for group in batches:
-        width = max(len(ids) for ids in group)
-        input_ids = torch.full((len(group), width), tokenizer.pad_token_id or 0)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for row, ids in enumerate(group):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        padded.append((input_ids, mask))
-    return padded
+        if groups[-1] and len(ids) * (len(groups[-1]) + 1) > batch_tokens:
+            groups.append([])
+        groups[-1].append(ids)
+    pad_id = tokenizer.pad_token_id or 0
+    return [next(window_batches(group, len(group), pad_id)) for group in groups]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

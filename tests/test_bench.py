@@ -387,19 +387,27 @@ def test_real_editor_on_a_tiny_model(model_and_tokenizer, tmp_path):
     assert results.row("memit", 2)["cached_targets"] >= 1 and cache.hits >= 1
 
 
+def _alphaedit_seq_options(model_and_tokenizer, tmp_path):
+    """AlphaEdit's hyper-parameters, statistics of the unedited model, and ``_bench`` options for its sequence."""
+    from lightning_kedit.statistics import collect_key_statistics
+
+    model, tokenizer = model_and_tokenizer
+    hp = EditHyperParams.for_model(model, "alphaedit")
+    statistics = collect_key_statistics(model, tokenizer, list(hp.layers), max_tokens=2000)
+    options = dict(methods="alphaedit-seq", statistics=statistics, hparams={"v_steps": 3}, batch_size=1,
+                   baseline=False, target_cache=TargetCache(tmp_path / "targets"))
+    return hp, statistics, options
+
+
 def test_alphaedit_seq_keeps_its_history_and_resumes_like_edit_sequentially(model_and_tokenizer, tmp_path):
     """``alphaedit-seq`` passes each batch the earlier batches' keys; a resumed run ends where one pass does."""
     from safetensors.torch import load_file
 
     from lightning_kedit.editing.sequential import edit_sequentially
-    from lightning_kedit.statistics import collect_key_statistics
 
     model, tokenizer = model_and_tokenizer
     before = _weights(model)
-    hp = EditHyperParams.for_model(model, "alphaedit")
-    statistics = collect_key_statistics(model, tokenizer, list(hp.layers), max_tokens=2000)
-    options = dict(methods="alphaedit-seq", statistics=statistics, hparams={"v_steps": 3}, batch_size=1,
-                   baseline=False, target_cache=TargetCache(tmp_path / "targets"))
+    hp, statistics, options = _alphaedit_seq_options(model_and_tokenizer, tmp_path)
     _bench(model_and_tokenizer, tmp_path / "out", tmp_path, counts="1", **options)
     results = _bench(model_and_tokenizer, tmp_path / "out", tmp_path, counts="1,3", **options)  # resumes at 1
     assert {(r["method"], r["n"]) for r in results.rows} == {("alphaedit-seq", 1), ("alphaedit-seq", 3)}
@@ -421,14 +429,9 @@ def test_alphaedit_history_ahead_of_its_state_is_cut_back_not_restarted(model_an
     """A run stopped between the history's write and the state's: the next run keeps the state's batches."""
     import shutil
 
-    from lightning_kedit.statistics import collect_key_statistics
-
-    model, tokenizer = model_and_tokenizer
+    model, _ = model_and_tokenizer
     before = _weights(model)
-    hp = EditHyperParams.for_model(model, "alphaedit")
-    statistics = collect_key_statistics(model, tokenizer, list(hp.layers), max_tokens=2000)
-    options = dict(methods="alphaedit-seq", statistics=statistics, hparams={"v_steps": 3}, batch_size=1,
-                   baseline=False, target_cache=TargetCache(tmp_path / "targets"))
+    _, _, options = _alphaedit_seq_options(model_and_tokenizer, tmp_path)
     state = tmp_path / "out" / "state"
     _bench(model_and_tokenizer, tmp_path / "out", tmp_path, counts="1", **options)
     shutil.copy(state / "alphaedit-seq.safetensors", tmp_path / "state_after_1.safetensors")
