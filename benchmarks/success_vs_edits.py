@@ -86,8 +86,9 @@ def main() -> None:
                   f"{p['eval_seconds_per_fact']:.2f} s/evaluated fact)")
     (out / "projection.json").write_text(json.dumps(projected, indent=2) + "\n")
     figure = Path(args.figure)
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(out / "success_vs_edits.png", figure)
+    if figure.resolve() != (out / "success_vs_edits.png").resolve():  # --figure may name the plot in --out
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "success_vs_edits.png", figure)
     print(f"\nwrote {out / 'results.json'}, {out / 'projection.json'}, {figure}", file=sys.stderr)
 
 
