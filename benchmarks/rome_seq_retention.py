@@ -41,7 +41,8 @@ def read_state(path: Path) -> tuple[dict[str, str], dict[int, torch.Tensor]]:
         raise SystemExit(f"--state {path} does not exist; give the state file a sequential `kedit bench` run wrote")
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
-        weights = {int(key.split(".")[1]): f.get_tensor(key) for key in f.keys()}
+        names = list(f.keys())  # a safe_open handle is not iterable
+        weights = {int(name.split(".")[1]): f.get_tensor(name) for name in names}
     if "edits" not in meta or "base" not in meta or not weights:
         raise SystemExit(f"--state {path} is not a `kedit bench` sequential state (no edits/base metadata)")
     return meta, weights
