@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
+from lightning_kedit.bench import read_sequential_state
+from lightning_kedit.editing.memit import temporary_updates
 from lightning_kedit.metrics import evaluate_requests
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import weights_hash
@@ -39,10 +40,8 @@ def read_state(path: Path) -> tuple[dict[str, str], dict[int, torch.Tensor]]:
     """The metadata and the edited weight of each layer of a sequential bench state."""
     if not path.is_file():
         raise SystemExit(f"--state {path} does not exist; give the state file a sequential `kedit bench` run wrote")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-        names = list(f.keys())  # a safe_open handle is not iterable
-        weights = {int(name.split(".")[1]): f.get_tensor(name) for name in names}
+    read = read_sequential_state(path)
+    meta, weights = read if read is not None else ({}, {})
     if "edits" not in meta or "base" not in meta or not weights:
         raise SystemExit(f"--state {path} is not a `kedit bench` sequential state (no edits/base metadata)")
     return meta, weights
@@ -79,22 +78,23 @@ def main(argv: list[str] | None = None) -> None:
         if weights_hash(adapter.weight(layer)) != expected:
             raise SystemExit(f"--state {args.state} was made on other weights (layer {layer} differs); "
                              "give the state of a run on this model")
-    unedited = {layer: adapter.weight(layer).detach().clone() for layer in weights}
     ranges = slices(edits, args.slice, len(requests))
     rows: list[dict[str, Any]] = []
-    for label, layer_weights in (("unedited", unedited), (f"after {edits} edits", weights)):
-        with torch.no_grad():
-            for layer, w in layer_weights.items():
-                adapter.weight(layer).copy_(w)
+
+    def score(label: str) -> None:
         for name, (start, stop) in ranges.items():
             metrics = evaluate_requests(model, tokenizer, requests[start:stop])
             rows.append({"weights": label, "facts": name, "start": start, "stop": stop,
                          **{k: metrics[k] for k in RATES}})
             print(f"{label:>18} | {name:>13} [{start}:{stop}) | " +
                   " | ".join(f"{k} {metrics[k]:.3f}" for k in RATES), flush=True)
-    with torch.no_grad():
-        for layer, w in unedited.items():
-            adapter.weight(layer).copy_(w)
+
+    score("unedited")
+    with temporary_updates(adapter, list(weights)):  # the unedited weights come back on exit
+        with torch.no_grad():
+            for layer, w in weights.items():
+                adapter.weight(layer).copy_(w)
+        score(f"after {edits} edits")
     if args.json:
         Path(args.json).write_text(json.dumps({"state": str(args.state), "edits": edits, "requests": args.requests,
                                                "layers": sorted(weights), "rows": rows}, indent=1) + "\n")

@@ -70,6 +70,7 @@ __all__ = [
     "available_methods",
     "parse_counts",
     "parse_methods",
+    "read_sequential_state",
     "run_bench",
 ]
 
@@ -256,14 +257,21 @@ class _SequentialState:
     weights: dict[int, torch.Tensor]
 
 
-def _read_state(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]] | None:
+def read_sequential_state(path: str | os.PathLike[str]) -> tuple[dict[str, str], dict[int, torch.Tensor]] | None:
+    """The metadata and the edited weight per layer of a sequential run's ``state/<method>.safetensors``.
+
+    Returns:
+        ``(metadata, {layer: weight})``; None when the file is missing, unreadable or not such a state.
+    """
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as handle:
-            return dict(handle.metadata() or {}), {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            meta = dict(handle.metadata() or {})
+            weights = {int(key.split(".")[1]): handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except Exception:  # missing or unreadable: start again (the file is rewritten at the next checkpoint)
         return None
+    return meta, weights
 
 
 def _cuts(counts: Sequence[int], edits: int, batch: int) -> str:
@@ -278,14 +286,13 @@ def _load_state(path: Path, model: nn.Module, method: BenchMethod, context: _Con
     With batches of more than one request, the state must also have been cut into batches at the same counts:
     a run evaluated at other counts edited other batches.
     """
-    read = _read_state(path) if path.is_file() else None
+    read = read_sequential_state(path) if path.is_file() else None
     if read is None:
         return None
-    meta, tensors = read
+    meta, weights = read
     try:
         edits, base = int(meta["edits"]), json.loads(meta["base"])
-        weights = {int(key.split(".")[1]): tensor for key, tensor in tensors.items()}
-    except (KeyError, ValueError, IndexError):
+    except (KeyError, ValueError):
         return None
     adapter = ModelAdapter.for_model(model)
     usable = (
@@ -303,7 +310,7 @@ def _save_state(path: Path, model: nn.Module, method: BenchMethod, context: _Con
                 base: Mapping[int, torch.Tensor], edits: int, edit_seconds: float, cuts: str) -> None:
     """Save the edited weights atomically, unless a state with more edits is already there."""
 
-    existing = _read_state(path) if path.is_file() else None
+    existing = read_sequential_state(path) if path.is_file() else None
     if existing is not None and int(existing[0].get("edits", 0)) > edits:
         return
     adapter = ModelAdapter.for_model(model)
