@@ -1,8 +1,17 @@
 """Atomic file writes: a reader sees the old file or the new one, never a half-written one.
 
-The files the library writes (deltas, benchmark checkpoints, cached target values, JSON results) go through
-:func:`atomic_path`: the content is written to a temporary file in the same folder, which replaces the target
-only once complete. An exception or an interrupt leaves the old file as it was and no temporary file behind.
+Every file the library writes (deltas, histories, statistics, cached prefixes and target values, traces, JSON
+results, plots, converted models) goes through this module:
+
+- :func:`atomic_path` yields a temporary path beside the target, unique to the calling process *and* thread;
+  the content replaces the target (``os.replace``, atomic on POSIX and Windows) only once it is complete. An
+  exception or an interrupt leaves the old file as it was and no temporary file behind. Two writers of the same
+  target never share a temporary file: each completes, and the last one wins with a whole file.
+- :func:`atomic_write_text`, :func:`atomic_write_json` and :func:`atomic_save_safetensors` are the usual writes
+  on top of it; :func:`atomic_directory` does the same for a folder (a converted model).
+- :func:`exclusive_build` serialises the builders of one expensive cache entry across processes (a file lock),
+  so that the entry is built once and the others read it. It must not wrap work that waits on other processes
+  (collective operations), or those processes would wait on each other.
 
 Example:
     >>> import tempfile, pathlib
@@ -11,31 +20,69 @@ Example:
     ...     _ = tmp.write_text("done")
     >>> target.read_text()
     'done'
+    >>> atomic_write_json(target.with_suffix(".json"), {"a": 1}).read_text()
+    '{\\n  "a": 1\\n}\\n'
 """
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator, Mapping
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
-__all__ = ["atomic_path", "atomic_save_safetensors"]
+__all__ = [
+    "atomic_directory",
+    "atomic_path",
+    "atomic_save_safetensors",
+    "atomic_write_json",
+    "atomic_write_text",
+    "exclusive_build",
+]
+
+
+def _temporary_name(target: Path) -> Path:
+    # mkstemp creates the file with O_EXCL under a random name: unique per process and per thread, whatever the
+    # pid (forked workers, threads of one server) and however many writers race on one target.
+    handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(handle)
+    return Path(name)
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed.
+
+    The temporary file exists (empty) when the block starts; writers may overwrite or truncate it.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = _temporary_name(target)
     try:
         yield tmp
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically and return the path."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding=encoding)
+    return Path(path)
+
+
+def atomic_write_json(
+    path: str | os.PathLike[str], data: Any, *, indent: int | None = 2, default: Callable[[Any], Any] | None = None
+) -> Path:
+    """Write ``data`` as JSON (UTF-8, a final newline) to ``path`` atomically and return the path."""
+    return atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False, default=default) + "\n")
 
 
 def atomic_save_safetensors(
@@ -47,3 +94,46 @@ def atomic_save_safetensors(
     with atomic_path(path) as tmp:
         save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata is not None else None)
     return Path(path)
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it becomes ``path``, on failure it is removed.
+
+    When ``path`` already exists once the block ends (another process finished first), the existing folder is
+    kept and the new one discarded: a folder is replaced by no one, so its readers never see it change.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def exclusive_build(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold an exclusive lock named after ``path`` (``.<name>.lock`` beside it) for the block.
+
+    Builders of one cache entry take turns: the first builds it, the next find it built. Where the platform has
+    no ``fcntl`` (Windows) the block runs unlocked, and the atomic writes alone keep every entry whole.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(target.with_name(f".{target.name}.lock"), "a+b") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)

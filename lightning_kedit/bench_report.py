@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_kedit.atomic_files import atomic_path, atomic_write_text
 from lightning_kedit.errors import KeditError
 
 __all__ = [
@@ -180,7 +181,7 @@ class BenchResults:
 
     def save(self) -> Path:
         """Write ``results.json`` atomically."""
-        _write_text(self.path, json.dumps(self.to_dict(), indent=2) + "\n")
+        atomic_write_text(self.path, json.dumps(self.to_dict(), indent=2) + "\n")
         return self.path
 
 
@@ -249,16 +250,6 @@ def _setting_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) 
         elif stored[key] != current[key]:
             out.append(f"{key}: stored {stored[key]!r}, now {current[key]!r}")
     return out
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _pct(value: float | None) -> str:
@@ -362,13 +353,8 @@ def plot_success(results: BenchResults, path: str | os.PathLike[str]) -> Path:
         ax.legend(fontsize=7, loc="best")
         fig.tight_layout()
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(target) as tmp:
             fig.savefig(tmp, format="png")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
     finally:
         plt.close(fig)
     return target
@@ -377,5 +363,5 @@ def plot_success(results: BenchResults, path: str | os.PathLike[str]) -> Path:
 def write_report(results: BenchResults) -> tuple[Path, Path]:
     """Write ``results.md`` and ``success_vs_edits.png`` beside ``results.json``."""
     table = results.folder / TABLE_FILE
-    _write_text(table, markdown_report(results))
+    atomic_write_text(table, markdown_report(results))
     return table, plot_success(results, results.folder / PLOT_FILE)

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lightning_kedit.atomic_files import atomic_write_text
 from lightning_kedit.errors import RequestFormatError
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "bundled_corpus_path",
     "bundled_requests",
     "load_requests",
+    "parse_request_records",
     "save_requests",
 ]
 
@@ -208,8 +210,6 @@ def load_requests(
         >>> requests[0].prompt, requests[0].subject, requests[0].target_new  # doctest: +SKIP
         ('{}, by', 'BBC One', 'Sega')
     """
-    from lightning_kedit.request_layouts import RecordLocation, detect_layout, unknown_layout_error
-
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise RequestFormatError(f"n must be a positive number of records or None, got n={n!r}")
     path = Path(path)
@@ -221,7 +221,37 @@ def load_requests(
             f"{path}: asked for n={n} records but the file holds {len(records)}; "
             f"pass n <= {len(records)} or leave n out"
         )
-    records = records[:n]
+    return parse_request_records(records[:n], path, lines, skip_invalid=skip_invalid)
+
+
+def parse_request_records(
+    records: list[Any], source: str | os.PathLike[str], lines: list[int] | None = None, *,
+    skip_invalid: bool = False,
+) -> list[EditRequest]:
+    """Edit requests from records already read (a file's, or a request body's), in any recognised layout.
+
+    The layout is recognised from the first record; every record is checked before anything is returned.
+
+    Args:
+        records: the records (JSON objects).
+        source: what to name in error messages (a file path, ``"request body"``).
+        lines: the JSON Lines line number of each record, for error messages.
+        skip_invalid: drop unusable records with a warning instead of raising (see :func:`load_requests`).
+
+    Raises:
+        RequestFormatError: no records, an unknown layout, a record lacking a field or with an unusable one
+            (a subject missing from its prompt, ...), or a repeated case id.
+
+    Example:
+        >>> record = {"prompt": "{} plays the", "subject": "Toko Yasuda", "target_new": "piano", "case_id": 1}
+        >>> [r.prompt_text for r in parse_request_records([record], "request body")]
+        ['Toko Yasuda plays the']
+    """
+    from lightning_kedit.request_layouts import RecordLocation, detect_layout, unknown_layout_error
+
+    path = Path(source)
+    if not records:
+        raise RequestFormatError(f"{path}: holds no records; write at least one edit request into it")
     layout = detect_layout(records[0]) if isinstance(records[0], Mapping) else None
     if layout is None:
         raise unknown_layout_error(path, records[0] if isinstance(records[0], Mapping) else {})
@@ -251,7 +281,7 @@ def load_requests(
     if skipped:
         if not requests:
             raise RequestFormatError(f"{path}: every record is invalid; the first: {skipped[0]}")
-        warnings.warn(f"skipped {len(skipped)} invalid record(s) of {path}: " + " | ".join(skipped), stacklevel=2)
+        warnings.warn(f"skipped {len(skipped)} invalid record(s) of {path}: " + " | ".join(skipped), stacklevel=3)
     return requests
 
 
@@ -314,10 +344,7 @@ def save_requests(requests: Iterable[EditRequest], path: str | os.PathLike[str])
         text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
     else:
         text = json.dumps(records, ensure_ascii=False, indent=1) + "\n"
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-    return path
+    return atomic_write_text(path, text)
 
 
 def bundled_requests() -> list[EditRequest]:

@@ -19,6 +19,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from lightning_kedit.atomic_files import atomic_path
 from lightning_kedit.tracing import AverageTrace, TraceResult
 
 __all__ = ["plot_average", "plot_trace", "save_average_figure", "save_trace_figures"]
@@ -77,7 +78,8 @@ def save_trace_figures(result: TraceResult, out_dir: str | os.PathLike[str], ste
         figure = plot_trace(result, kind)
         for suffix in (".png", ".svg"):
             path = folder / f"{stem}_{kind}{suffix}"
-            figure.savefig(path, dpi=150)
+            with atomic_path(path) as tmp:
+                figure.savefig(tmp, dpi=150, format=suffix[1:])
             paths.append(path)
     return paths
 
@@ -119,5 +121,6 @@ def save_average_figure(
     figure = plot_average(average)
     paths = [folder / f"{stem}{suffix}" for suffix in (".png", ".svg")]
     for path in paths:
-        figure.savefig(path, dpi=150)
+        with atomic_path(path) as tmp:
+            figure.savefig(tmp, dpi=150, format=path.suffix[1:])
     return paths

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from lightning_kedit.atomic_files import atomic_write_json
 
 __all__ = ["COMMANDS", "build_parser", "main", "write_json"]
 
@@ -70,11 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """Write ``result`` as JSON atomically (a temporary file renamed into place)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
-    tmp.replace(target)
+    atomic_write_json(path, result, default=_json_default)
 
 
 def _json_default(value: Any) -> Any:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lightning_kedit.atomic_files import atomic_save_safetensors, atomic_write_json
 from lightning_kedit.errors import KeditError
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import weights_hash
@@ -263,8 +264,6 @@ class EditHistory:
         The index (``history.json``) is written last through a temporary file, so an interrupted save leaves
         the previous index, which only names files that were complete.
         """
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         names = []
@@ -272,16 +271,14 @@ class EditHistory:
             name = f"batch_{index + 1:05d}_{entry.delta.digest()[:12]}"
             if not (folder / f"{name}.delta.safetensors").is_file():
                 entry.delta.save(folder / f"{name}.delta.safetensors")
-            _atomic_save({f"layers.{la}": k for la, k in entry.keys.items()}, folder / f"{name}.keys.safetensors",
-                         save_file)
+            atomic_save_safetensors({f"layers.{la}": k for la, k in entry.keys.items()},
+                                    folder / f"{name}.keys.safetensors")
             names.append(name)
-        _atomic_save({f"layers.{la}": w.contiguous() for la, w in self._initial.items()},
-                     folder / "initial.safetensors", save_file)
+        atomic_save_safetensors({f"layers.{la}": w.contiguous() for la, w in self._initial.items()},
+                                folder / "initial.safetensors")
         index_data = {"format": FORMAT, "version": FORMAT_VERSION, "batches": names,
                       "initial_hashes": {str(la): weights_hash(w) for la, w in self._initial.items()}}
-        tmp = folder / f".history.json.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(index_data, indent=1))
-        os.replace(tmp, folder / "history.json")
+        atomic_write_json(folder / "history.json", index_data, indent=1)
         return folder
 
     @classmethod
@@ -318,11 +315,3 @@ class EditHistory:
             raise HistoryError(f"{folder} is corrupt: its first weights do not match the hashes of its index")
         return history
 
-
-def _atomic_save(tensors: dict[str, Tensor], path: Path, save_file: object) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp))  # type: ignore[operator]
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

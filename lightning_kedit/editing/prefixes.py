@@ -16,11 +16,13 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lightning_kedit.atomic_files import atomic_write_json
 from lightning_kedit.models.loading import cache_dir
 
 __all__ = ["OPENINGS", "context_templates", "generate_prefixes", "model_digest"]
@@ -112,20 +114,30 @@ def context_templates(
     if key in _MEMO:
         return list(_MEMO[key])
     path = cache_dir() / "prefixes" / f"{key}.json"
-    templates: list[str] | None = None
-    if cache and path.is_file():
-        try:
-            templates = [str(t) for t in json.loads(path.read_text())["templates"]]
-        except (ValueError, KeyError, TypeError):
-            templates = None  # a damaged cache entry is regenerated
+    templates = _read_templates(path) if cache else None
     if templates is None:
-        templates = ["{}"]
-        for length, count in lengths:
-            templates += [f"{text}. {{}}" for text in generate_prefixes(model, tokenizer, length, count, seed=seed)]
+        templates = _generate_templates(model, tokenizer, lengths, seed)
         if cache:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(json.dumps({"templates": templates}, indent=1))
-            tmp.replace(path)
+            # Processes that start on an empty cache together (DDP ranks, parallel commands) each generate the
+            # same seeded entry and write it whole; no lock, since a sharded model's forward needs every rank.
+            atomic_write_json(path, {"templates": templates}, indent=1)
     _MEMO[key] = list(templates)
+    return templates
+
+
+def _read_templates(path: Path) -> list[str] | None:
+    if not path.is_file():
+        return None
+    try:
+        return [str(t) for t in json.loads(path.read_text())["templates"]]
+    except (ValueError, KeyError, TypeError):
+        return None  # a damaged cache entry is regenerated
+
+
+def _generate_templates(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, lengths: Sequence[tuple[int, int]], seed: int
+) -> list[str]:
+    templates = ["{}"]
+    for length, count in lengths:
+        templates += [f"{text}. {{}}" for text in generate_prefixes(model, tokenizer, length, count, seed=seed)]
     return templates

@@ -24,6 +24,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lightning_kedit.atomic_files import atomic_write_text
 from lightning_kedit.errors import KeditError
 from lightning_kedit.lightning.data import TextDataModule
 from lightning_kedit.lightning.module import KnowledgeEditModule
@@ -62,8 +63,7 @@ class CompletionWriter(BasePredictionWriter):
             sys.stdout.write(lines)
             sys.stdout.flush()
         else:
-            self.output.parent.mkdir(parents=True, exist_ok=True)
-            self.output.write_text(lines, encoding="utf-8")
+            atomic_write_text(self.output, lines)
 
 
 def _flatten(predictions: Sequence[Any]) -> list[list[dict[str, str]]]:

@@ -14,14 +14,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_kedit.atomic_files import atomic_directory, exclusive_build
 from lightning_kedit.errors import ModelLoadError
 
 __all__ = ["EMBEDDED_MODELS", "cache_dir", "gguf_cache_folder", "load_model", "resolve_model_spec"]
@@ -114,19 +113,10 @@ def _export_gguf(path: Path, target: Path) -> None:
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "SOURCE").write_text(f"{path}\n")
-        if target.exists():  # another process finished first
-            shutil.rmtree(tmp)
-            return
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_model(
@@ -159,8 +149,10 @@ def load_model(
     kind, path = resolve_model_spec(spec)
     if kind == "gguf":
         folder = gguf_cache_folder(path)
-        if not (folder / "config.json").is_file():
-            _export_gguf(path, folder)
+        # Processes that load one GGUF file on an empty cache together convert it once; the others wait and read.
+        with exclusive_build(folder):
+            if not (folder / "config.json").is_file():
+                _export_gguf(path, folder)
     else:
         folder = path
     try:

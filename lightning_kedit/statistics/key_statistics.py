@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
@@ -41,6 +40,7 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
+from lightning_kedit.atomic_files import atomic_save_safetensors
 from lightning_kedit.errors import KeditError, StatisticsMismatchError
 
 __all__ = ["FORMAT", "KeyStatistics", "accumulate_outer", "symmetric_from_lower"]
@@ -267,8 +267,6 @@ class KeyStatistics(Metric):
         Returns:
             The path written.
         """
-        from safetensors.torch import save_file
-
         target = Path(path)
         with self._reduced():
             tensors: dict[str, Tensor] = {}
@@ -290,15 +288,7 @@ class KeyStatistics(Metric):
             "product_dtype": str(self.product_dtype).removeprefix("torch."),
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(handle)
-        try:
-            save_file(tensors, tmp_name, metadata=metadata)
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
+        atomic_save_safetensors(tensors, target, metadata)
         self.fingerprint = dict(fingerprint) if fingerprint else None
         self.source = source
         return target

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_kedit.atomic_files import atomic_write_json
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.loading import cache_dir
 from lightning_kedit.requests import EditRequest
@@ -262,9 +263,7 @@ def choose_edit_layers(
             "case_ids": list(traced.case_ids),
             "known_only": traced.known_only,
         }
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(json.dumps(entry) + "\n")
-        partial.replace(path)
+        atomic_write_json(path, entry, indent=None)
     return select_edit_window(effects, window)
 
 
