@@ -97,17 +97,22 @@ def atomic_save_safetensors(
 
 
 @contextmanager
-def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike[str], *, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it becomes ``path``, on failure it is removed.
 
     When ``path`` already exists once the block ends (another process finished first), the existing folder is
-    kept and the new one discarded: a folder is replaced by no one, so its readers never see it change.
+    kept and the new one discarded, so a cache folder's readers never see it change. With ``replace=True`` (an
+    export the user asked to overwrite) the old folder is moved aside, the new one takes its name, and only then
+    is the old one deleted: ``path`` holds one whole folder or the other.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    old = tmp.with_name(f"{tmp.name}.old")
     try:
         yield tmp
+        if replace and target.exists():
+            target.rename(old)
         try:
             tmp.rename(target)
         except OSError:
@@ -115,6 +120,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager

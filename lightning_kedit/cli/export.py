@@ -10,11 +10,10 @@ Example:
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from lightning_kedit.atomic_files import atomic_directory
 from lightning_kedit.errors import KeditError
 
 __all__ = ["add_arguments", "run"]
@@ -41,16 +40,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     delta = EditDelta.load(args.delta)
     model, tokenizer = load_model(args.model)
     delta.apply(model, force=args.force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_directory(out, replace=True) as staging:
         model.save_pretrained(staging)  # type: ignore[operator]
         tokenizer.save_pretrained(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.replace(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     print(f"wrote the {delta.method} edit of layers {delta.layers} ({len(delta.request_ids)} request(s)) to {out}")
     return {"out": str(out), "method": delta.method, "layers": delta.layers, "requests": len(delta.request_ids)}
