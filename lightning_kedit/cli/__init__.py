@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("lightning_kedit.cli.export", "write the edited model as a Hugging Face folder"),
     "bench": ("lightning_kedit.cli.bench", "success by number of edits, table and plot"),
     "trace": ("lightning_kedit.cli.trace", "causal tracing heatmaps and averaged curves"),
+    "serve": ("lightning_kedit.cli.serve", "serve the model over HTTP and edit it live (edits, reverts, history)"),
 }
 
 #: Subcommands handled by LightningCLI (``kedit fit --config F``).
