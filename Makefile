@@ -21,10 +21,14 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/kedit demo
 
+# The suite runs as on a new machine: an empty KEDIT_CACHE, so the model conversion, statistics, prefixes and
+# target values are all built from nothing. KEDIT_TEST_CACHE=DIR reuses a folder instead (kept afterwards).
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy lightning_kedit
-	$(PY) -m pytest -q -p no:cacheprovider
+	@cache="$${KEDIT_TEST_CACHE:-$$(mktemp -d)}"; echo "KEDIT_CACHE=$$cache"; \
+	KEDIT_CACHE="$$cache" $(PY) -m pytest -q -p no:cacheprovider; status=$$?; \
+	if [ -z "$${KEDIT_TEST_CACHE:-}" ]; then rm -rf "$$cache"; fi; exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

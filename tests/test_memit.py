@@ -184,3 +184,13 @@ def test_relative_lambda_is_scale_free(tokenizer):
         model, tokenizer, REQUESTS, statistics_for(model, [2], scale=10.0), hp, templates=TEMPLATES
     )
     torch.testing.assert_close(small[0][2].dense(), large[0][2].dense(), rtol=1e-6, atol=1e-9)
+
+
+def test_timings_add_to_the_callers_phases_instead_of_replacing_them(tokenizer):
+    """A caller that timed its own statistics collection keeps that time (``kedit demo`` printed 0.0 for it)."""
+    model = peaky("llama")
+    timings = {"statistics": 5.0, "load": 1.0}
+    compute_edit(model, tokenizer, REQUESTS[:1], method="memit", statistics=statistics_for(model, [1, 2]),
+                 hparams=hparams((1, 2)), timings=timings)
+    assert timings["statistics"] >= 5.0 and timings["load"] == 1.0
+    assert {"keys", "targets", "solve"} <= set(timings) and all(timings[k] > 0 for k in ("keys", "targets"))

@@ -258,6 +258,5 @@ def compute_alphaedit(
             )
     if keys is not None:
         keys.update(written)
-    if timings is not None:
-        timings.update(timer.seconds)
+    timer.add_to(timings)
     return delta

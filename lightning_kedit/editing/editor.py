@@ -102,7 +102,7 @@ def compute_edit(
             of the bundled corpus (not used by ``"ft"``).
         hparams: hyper-parameters; :meth:`EditHyperParams.for_model` when None (``layers`` overrides theirs).
         progress: print progress to stderr.
-        timings: when given, filled with seconds per phase (prefixes, keys, targets, solve).
+        timings: when given, the seconds of each phase (statistics, keys, targets, solve) are added to it.
         target_cache: a :class:`~lightning_kedit.editing.target_cache.TargetCache` to read and store target
             values in (MEMIT, ROME and AlphaEdit), or None to always optimise them.
         history: AlphaEdit only: the earlier batches whose edits the new one must keep.
@@ -154,8 +154,7 @@ def compute_edit(
                 delta = EditDelta.from_model(
                     model, factors, method=method, hparams=hp.to_dict(), request_ids=ids, tokenizer=tokenizer
                 )
-    if timings is not None:
-        timings.update(timer.seconds)
+    timer.add_to(timings)
     return delta
 
 
@@ -172,6 +171,5 @@ def edit(
     delta = compute_edit(model, tokenizer, requests, **kwargs)
     with timer.phase("apply"):
         delta.apply(model)
-    if timings is not None:
-        timings.update(timer.seconds)
+    timer.add_to(timings)
     return delta

@@ -74,6 +74,12 @@ class PhaseTimer:
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
+    def add_to(self, timings: dict[str, float] | None) -> None:
+        """Add these phases' seconds to ``timings`` (a caller's earlier time for a phase is kept, not replaced)."""
+        if timings is not None:
+            for name, seconds in self.seconds.items():
+                timings[name] = timings.get(name, 0.0) + seconds
+
 
 def check_statistics(statistics: object, adapter: ModelAdapter, layers: Sequence[int]) -> None:
     """Refuse statistics that lack a layer or whose key size differs from the model's."""
