@@ -188,6 +188,7 @@ class KnowledgeEditCallback(Callback):
         self.moment: Moment | None = None
         #: One dict of metrics per edit made in this process, oldest first.
         self.history: list[dict[str, Any]] = []
+        self.rank_disagreements: list[tuple[int, str, str]] = []
         self.requests: list[EditRequest] = []
         self.hparams: EditHyperParams | None = None
         self.statistics: KeyStatistics | None = None
@@ -399,7 +400,10 @@ class KnowledgeEditCallback(Callback):
                 statistics=statistics,
                 hparams=self.hparams,
             )
-            delta = same_on_every_rank(trainer, delta)
+            adopted = same_on_every_rank(trainer, delta)
+            if adopted.digest() != delta.digest():
+                self.on_ranks_disagree(trainer, pl_module, delta, adopted)
+            delta = adopted
             delta.apply(model)
             seconds = time.perf_counter() - started
             after = self._evaluate(model, tokenizer)
@@ -416,6 +420,17 @@ class KnowledgeEditCallback(Callback):
         self._deltas[record.digest] = delta
         self._report(trainer, pl_module, record, before, after, seconds, can_log)
         return delta
+
+    def on_ranks_disagree(
+        self, trainer: Trainer, pl_module: LightningModule, computed: EditDelta, adopted: EditDelta
+    ) -> None:
+        """Called on a process whose own delta differs from rank 0's, which it applies instead.
+
+        The weights stay bit-identical on every process either way; by default the event is recorded in
+        :attr:`rank_disagreements` (``(global_step, computed digest, adopted digest)``). Override it to raise
+        where the processes must agree (deterministic kernels), or to log the difference.
+        """
+        self.rank_disagreements.append((trainer.global_step, computed.digest(), adopted.digest()))
 
     def revert(self, trainer: Trainer) -> int:
         """Undo every edit this callback put in the weights (newest first); returns how many were undone."""
