@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from lightning_kedit.cli.edit import _HPARAM_OPTIONS
 from lightning_kedit.errors import KeditError
 
 __all__ = ["add_arguments", "run"]
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("memit", "rome"), default="memit", help="edit method (default: memit)")
     parser.add_argument("--stats", default=None, metavar="FILE",
                         help="key statistics file (kedit stats --out); default: cached, from the bundled corpus")
+    for option, (_, kind, help_text) in _HPARAM_OPTIONS.items():
+        parser.add_argument(f"--{option.replace('_', '-')}", dest=f"hp_{option}", type=kind, default=None,
+                            help=f"{help_text} (default: per model)")
     parser.add_argument("--traffic-stats", action="store_true",
                         help="merge the key statistics of the served prompts into each edit's statistics")
     parser.add_argument("--threads", type=int, default=None, metavar="T",
@@ -61,9 +65,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.stats is not None and not Path(args.stats).is_file():
         raise KeditError(f"--stats {args.stats!r} is not a file; make one with `kedit stats --out FILE`")
     keys = ServeKeys.load(args.keys)
+    hparams = {field: getattr(args, f"hp_{option}") for option, (field, _, _) in _HPARAM_OPTIONS.items()
+               if getattr(args, f"hp_{option}") is not None}
     server = build_server(args.model, args.history, keys, workers=args.workers, method=args.method,
                           statistics=args.stats, traffic_statistics=args.traffic_stats, threads=args.threads,
-                          max_batch_size=args.max_batch_size)
+                          max_batch_size=args.max_batch_size, hparams=hparams)
     # LitServe shuts down gracefully on a KeyboardInterrupt in its main process: SIGTERM gets the same
     # (a process started in the background may have SIGINT ignored).
     signal.signal(signal.SIGTERM, _interrupt)

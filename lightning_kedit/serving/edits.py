@@ -73,6 +73,7 @@ class EditAPI(ls.LitAPI):
         keys: the server's keys (editing needs the write key).
         method: ``"memit"`` (default) or ``"rome"``.
         statistics: a key statistics file, or None for the cached statistics of the bundled corpus.
+        hparams: changes to the method's per-model hyper-parameters (``EditHyperParams`` fields).
         traffic_statistics: add the generation workers' traffic statistics to the base statistics.
         threads: torch threads of the worker (None: torch's default).
         max_batch_size: the most submissions solved as one edit.
@@ -80,8 +81,9 @@ class EditAPI(ls.LitAPI):
     """
 
     def __init__(self, model: str, history: str | os.PathLike[str], keys: ServeKeys, *, method: str = "memit",
-                 statistics: str | None = None, traffic_statistics: bool = False, threads: int | None = None,
-                 max_batch_size: int = 16, batch_timeout: float = 0.05) -> None:
+                 statistics: str | None = None, hparams: dict[str, Any] | None = None,
+                 traffic_statistics: bool = False, threads: int | None = None, max_batch_size: int = 16,
+                 batch_timeout: float = 0.05) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/v1/edits")
         if method not in ("memit", "rome"):
             raise KeditError(f"--method {method!r}: a served model is edited with memit or rome")
@@ -90,6 +92,7 @@ class EditAPI(ls.LitAPI):
         self._keys = keys
         self.method = method
         self.statistics_file = statistics
+        self.hparam_changes = dict(hparams or {})
         self.traffic_statistics = traffic_statistics
         self.threads = threads
 
@@ -111,7 +114,7 @@ class EditAPI(ls.LitAPI):
         if self.threads:
             torch.set_num_threads(self.threads)
         self.model, self.tokenizer = load_model(self.model_spec, device=device)
-        self.hparams = EditHyperParams.for_model(self.model, self.method)
+        self.hparams = EditHyperParams.for_model(self.model, self.method).replace(**self.hparam_changes)
         self.fingerprint = model_fingerprint(self.model, self.tokenizer, list(self.hparams.layers))
         self.store = HistoryStore(self.history)
         committed = self.store.read().fingerprint

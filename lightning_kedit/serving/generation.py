@@ -188,7 +188,8 @@ class CompletionAPI(ls.LitAPI):
         return output
 
     def encode_response(self, output: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        """OpenAI's ``text_completion`` object, plus ``kedit_version`` and each choice's ``token_ids``."""
+        """OpenAI's ``text_completion`` object, plus ``kedit_version``, ``kedit_worker`` (the worker's process id)
+        and each choice's ``token_ids``."""
         completions: list[Completion] = output["completions"]
         prompt_tokens = sum(c.prompt_tokens for c in completions)
         completion_tokens = sum(len(c.tokens) for c in completions)
@@ -202,4 +203,5 @@ class CompletionAPI(ls.LitAPI):
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
             "kedit_version": output["version"],
+            "kedit_worker": os.getpid(),
         }

@@ -33,7 +33,7 @@ def default_threads(workers: int) -> int:
 def build_server(model: str, history: str | os.PathLike[str], keys: ServeKeys, *, workers: int = 1,
                  method: str = "memit", statistics: str | None = None, traffic_statistics: bool = False,
                  threads: int | None = None, max_batch_size: int = 8, timeout: float = 120.0,
-                 accelerator: str = "auto",
+                 accelerator: str = "auto", hparams: dict[str, Any] | None = None,
                  **server_options: Any) -> ls.LitServer:
     """A ``LitServer`` serving ``model`` with live edits recorded in ``history``.
 
@@ -48,18 +48,22 @@ def build_server(model: str, history: str | os.PathLike[str], keys: ServeKeys, *
         threads: torch threads per generation worker (default: the cores shared out).
         max_batch_size: generation requests per batch.
         timeout: seconds a generation request may wait in the queue before a 504.
+        hparams: changes to the method's per-model hyper-parameters (``EditHyperParams`` fields).
         accelerator: LitServe's ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"`` (each worker loads the model there).
         server_options: passed to ``LitServer`` (callbacks, middlewares, ...).
 
     Raises:
         KeditError: unusable keys, method or history folder.
     """
+    from lightning_kedit.editing.hparams import EditHyperParams
+
     store = HistoryStore(history)
     store.read()  # a damaged manifest stops the start here, with its message
+    EditHyperParams().replace(**(hparams or {}))  # unknown or out-of-range values too
     threads = threads or default_threads(workers)
     completions = CompletionAPI(model, history, keys, threads=threads, traffic_statistics=traffic_statistics,
                                 max_batch_size=max_batch_size)
-    edits = EditAPI(model, history, keys, method=method, statistics=statistics,
+    edits = EditAPI(model, history, keys, method=method, statistics=statistics, hparams=hparams,
                     traffic_statistics=traffic_statistics, threads=os.cpu_count())
     server = ls.LitServer([completions, edits], accelerator=accelerator,  # type: ignore[arg-type]
                           workers_per_device={"/v1/completions": workers, "/v1/edits": 1},
