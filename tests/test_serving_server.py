@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from serve_helpers import WRITE_KEY, Server, call, complete
 from tiny_models import tiny_model, tiny_tokenizer
 

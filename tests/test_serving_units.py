@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from tiny_models import tiny_model, tiny_tokenizer
 
 from lightning_kedit.editing.delta import EditDelta
 from lightning_kedit.errors import KeditError
@@ -27,7 +28,6 @@ from lightning_kedit.serving import (
 )
 from lightning_kedit.serving.traffic import TrafficStatistics, merged_statistics
 from lightning_kedit.statistics import KeyStatistics
-from tiny_models import tiny_model, tiny_tokenizer
 
 
 def _delta(model: torch.nn.Module, layers: list[int], seed: int, scale: float = 1e-2) -> EditDelta:
