@@ -69,6 +69,7 @@ from .edit_metrics import (
     metric_names,
 )
 from .edit_moments import EDIT_MOMENTS, Moment, check_moments, moment_key
+from .statistics_checkpoint import load_statistics_files, save_statistics_files
 from .strategies import check_strategy, check_whole_weights, full_parameters, language_model, same_on_every_rank
 
 if TYPE_CHECKING:
@@ -194,7 +195,6 @@ class KnowledgeEditCallback(Callback):
         self.statistics: KeyStatistics | None = None
         self._applied: list[AppliedEdit] = []
         self._deltas: dict[str, EditDelta] = {}
-        self._pending_statistics: dict[str, Any] | None = None
         self._collector = BatchKeyCollector()
 
     @property
@@ -250,9 +250,6 @@ class KnowledgeEditCallback(Callback):
             self.statistics = open_statistics(
                 trainer, model, tokenizer, self._statistics_arg, layers, self.statistics_tokens
             )
-            if self._pending_statistics is not None:
-                self.statistics.load_state_dict(self._pending_statistics)
-                self._pending_statistics = None
 
     def _tokenizer(self, pl_module: LightningModule) -> PreTrainedTokenizerBase:
         tokenizer = self._tokenizer_arg or getattr(pl_module, "tokenizer", None)
@@ -489,20 +486,28 @@ class KnowledgeEditCallback(Callback):
         state: dict[str, Any] = {"applied": [asdict(record) for record in self._applied]}
         if self.checkpoint_deltas:
             state["deltas"] = {r.digest: delta_to_bytes(self._deltas[r.digest]) for r in self._applied}
-        if self.statistics is not None and self.statistics_source is not None:
-            state["statistics"] = self.statistics.state_dict()
         return state
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Statistics from batches go to one file per process beside the checkpoint (statistics_checkpoint.py).
+        if self.statistics is not None and self.statistics_source is not None:
+            state = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})
+            state["statistics_files"] = save_statistics_files(trainer, self.statistics)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key, {})
+        if self.statistics is None or self.statistics_source is None:
+            return
+        if "statistics_files" in state:
+            load_statistics_files(trainer, self.statistics, state["statistics_files"], trainer.ckpt_path)
+        elif "statistics" in state and trainer.global_rank == 0:  # older checkpoints: one process's sums, inline
+            self.statistics.load_state_dict(state["statistics"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # The weights restored with this state already hold these edits: they are recorded, not re-applied.
         self._applied = [AppliedEdit.from_dict(item) for item in state_dict.get("applied", [])]
         for digest, payload in state_dict.get("deltas", {}).items():
             self._deltas[digest] = delta_from_bytes(payload)
-        if "statistics" in state_dict:
-            if self.statistics is not None:
-                self.statistics.load_state_dict(state_dict["statistics"])
-            else:
-                self._pending_statistics = state_dict["statistics"]
         if self._applied:
             keys = ", ".join(record.key for record in self._applied)
             rank_zero_info(f"KnowledgeEditCallback: restored {len(self._applied)} applied edit(s): {keys}")
