@@ -47,11 +47,22 @@ __all__ = [
 ]
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # read once, at import (the only way to read it is to set it)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def _temporary_name(target: Path) -> Path:
     # mkstemp creates the file with O_EXCL under a random name: unique per process and per thread, whatever the
-    # pid (forked workers, threads of one server) and however many writers race on one target.
+    # pid (forked workers, threads of one server) and however many writers race on one target. It makes the file
+    # private (0600); the finished file gets the mode an ordinary write would give it.
     handle, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
+    os.chmod(name, 0o666 & ~_UMASK)
     return Path(name)
 
 
@@ -108,6 +119,7 @@ def atomic_directory(path: str | os.PathLike[str], *, replace: bool = False) -> 
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     old = tmp.with_name(f"{tmp.name}.old")
     try:
         yield tmp

@@ -33,6 +33,15 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
 
 
+def test_finished_files_and_folders_get_the_ordinary_mode(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert atomic_write_text(tmp_path / "a.txt", "x").stat().st_mode & 0o777 == 0o666 & ~mask
+    with atomic_directory(tmp_path / "folder"):
+        pass
+    assert (tmp_path / "folder").stat().st_mode & 0o777 == 0o777 & ~mask
+
+
 def test_threads_writing_one_file_never_share_a_temporary(tmp_path):
     """Threads of one process (one pid) write the same target at once: every write completes whole."""
     target = tmp_path / "entry.json"
