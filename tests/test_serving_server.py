@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_helpers import WRITE_KEY, Server, call, complete
+from serve_helpers import WRITE_KEY, Clients, Server, call, complete
 from tiny_models import tiny_model, tiny_tokenizer
 
 PROMPTS = ["Toko Yasuda plays the", "The Eiffel Tower is in", "Danielle Darrieux speaks", "Michael Jordan plays"]
@@ -46,40 +46,6 @@ def _outputs(port: int) -> tuple[dict[str, list[int]], int]:
     return tokens, versions.pop()
 
 
-class Clients:
-    """Threads sending greedy completions in a bounded loop, recording every response."""
-
-    def __init__(self, port: int, threads: int = 3, seconds: float = 120.0) -> None:
-        self.port, self.responses, self.failures = port, [], []
-        self._stop = threading.Event()
-        self._deadline = time.monotonic() + seconds
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
-
-    def _run(self, index: int) -> None:
-        n = index
-        while not self._stop.is_set() and time.monotonic() < self._deadline:
-            prompt = PROMPTS[n % len(PROMPTS)]
-            n += 1
-            sent = time.monotonic()
-            status, body = call(self.port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 8,
-                                                                        "temperature": 0}, timeout=120)
-            if status != 200:
-                self.failures.append((status, body))
-                continue
-            self.responses.append({"prompt": prompt, "sent": sent, "tokens": body["choices"][0]["token_ids"],
-                                   "version": body["kedit_version"], "worker": body["kedit_worker"]})
-
-    def __enter__(self) -> Clients:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=150)
-
-
 def test_health_and_generation_report_the_version(server: Server):
     assert call(server.port, "GET", "/health", key=None)[0] == 200
     status, body = call(server.port, "POST", "/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 4})
@@ -109,7 +75,7 @@ def test_edit_switches_every_worker_between_batches_and_revert_is_exact(server: 
     reference = {}
     before, old = _outputs(server.port)
     reference[old] = before
-    with Clients(server.port) as clients:
+    with Clients(server.port, PROMPTS) as clients:
         time.sleep(2)
         status, edit = call(server.port, "POST", "/v1/edits", {"requests": [FACT]}, key=WRITE_KEY)
         committed = time.monotonic()
@@ -135,7 +101,7 @@ def test_edit_switches_every_worker_between_batches_and_revert_is_exact(server: 
 
 def test_bad_input_gets_its_4xx_while_generation_keeps_serving(server: Server):
     port = server.port
-    with Clients(port, threads=2, seconds=200) as clients:
+    with Clients(port, PROMPTS, threads=2, seconds=200) as clients:
         assert call(port, "POST", "/v1/edits", raw=b'{"requests": [', key=WRITE_KEY)[0] == 422
         assert call(port, "POST", "/v1/completions", raw=b'{"prompt": ')[0] == 422
         status, body = call(port, "POST", "/v1/edits", {"requests": [{**FACT, "prompt": "Somebody plays the"}]},
@@ -210,3 +176,30 @@ def test_restart_resumes_and_kill_during_an_edit_loses_nothing_committed(model_d
     with Server(str(model_dir), history, stop_after=600, extra=TINY_EDIT) as second:
         assert call(second.port, "GET", "/v1/edits")[1] == listing
         assert _outputs(second.port) == (expected, version)  # exactly the committed version, nothing half-applied
+
+
+def test_a_history_of_another_model_is_refused_at_start(server: Server, tmp_path: Path):
+    if not call(server.port, "GET", "/v1/edits")[1]["edits"]:
+        call(server.port, "POST", "/v1/edits", {"requests": [FACT]}, key=WRITE_KEY)
+    other = tmp_path / "other"
+    tiny_model("llama", seed=7).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    with pytest.raises(AssertionError, match="holds edits of another model"):
+        Server(str(other), server.history, stop_after=300).wait_ready(timeout=280)
+
+
+def test_traffic_statistics_count_the_served_prompt_tokens_and_feed_the_edit(model_dir: Path, tmp_path: Path):
+    from lightning_kedit.statistics import KeyStatistics
+
+    history = tmp_path / "history"
+    prompts = [f"{p} number {i}" for i, p in enumerate(PROMPTS * 4)]  # 16 prompts: one flush per worker
+    with Server(str(model_dir), history, extra=(*TINY_EDIT, "--traffic-stats")) as server:
+        for prompt in prompts:
+            complete(server.port, prompt, max_tokens=3)
+        files = list((history / "traffic").glob("*.safetensors"))
+        assert len(files) == 1
+        tokens = sum(len(tiny_tokenizer()(p)["input_ids"]) for p in prompts)  # prompts only, not generated tokens
+        traffic = KeyStatistics.load(files[0])
+        assert all(traffic.count(layer) == tokens for layer in traffic.layers)
+        status, edit = call(server.port, "POST", "/v1/edits", {"requests": [FACT]}, key=WRITE_KEY)
+        assert status == 200 and edit["version"] == 1
