@@ -53,7 +53,7 @@ from .hparams import (
 from .keys import eval_mode, subject_states, template_weights
 from .memit import PhaseTimer, add_to_weight, check_statistics, temporary_updates
 from .nullspace import NULL_SPACE_RULES, alphaedit_factors, null_space_basis
-from .prefixes import context_templates
+from .sharded import edit_templates
 from .solvers import LowRankUpdate, spread_residuals
 from .targets import NonFiniteEditError, TargetValues, compute_target_values
 
@@ -138,7 +138,7 @@ def alphaedit_updates(
     timer = timer or PhaseTimer()
     last = layers[-1]
     with timer.phase("prefixes"):
-        templates = context_templates(model, tokenizer, hparams.prefix_lengths, seed=hparams.seed)
+        templates = edit_templates(model, tokenizer, hparams.prefix_lengths, hparams.seed)
     weights = template_weights(templates, hparams.bare_weight)
     with timer.phase("keys"):
         states = subject_states(model, tokenizer, requests, templates, key_layers=[layers[0]], out_layer=last,

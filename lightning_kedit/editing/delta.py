@@ -42,6 +42,7 @@ from lightning_kedit.editing.solvers import LowRankUpdate
 from lightning_kedit.errors import DeltaError, DeltaFileError, DeltaMismatchError
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import fingerprint_mismatches, model_fingerprint, weights_hash
+from lightning_kedit.models.sharding import full_weight, write_weight
 
 __all__ = ["DeltaError", "DeltaFileError", "DeltaMismatchError", "EditDelta", "LayerUpdate", "RevertReport"]
 
@@ -56,9 +57,8 @@ def _hparams_dict(hparams: Any) -> dict[str, Any]:
 
 
 def _write(param: Tensor, value: Tensor) -> None:
-    """Copy ``value`` into the parameter ``param`` in place."""
-    with torch.no_grad():
-        param.copy_(value)
+    """Copy the whole ``value`` into the parameter ``param`` in place (a sharded one keeps its shard of it)."""
+    write_weight(param, value)
 
 
 def _write_all(params: Mapping[int, Tensor], values: Mapping[int, Tensor], originals: Mapping[int, Tensor]) -> None:
@@ -185,8 +185,9 @@ class EditDelta:
         adapter = ModelAdapter.for_model(model)
         layers = adapter.check_layers(list(updates))
         records = []
+        whole = {layer: full_weight(adapter.weight(layer)) for layer in layers}  # gathered when sharded
         for layer in layers:
-            weight = adapter.weight(layer)
+            weight = whole[layer]
             shape = tuple(adapter.from_stored_layout(weight).shape)
             stored = compact_update(updates[layer], (int(shape[0]), int(shape[1])), layer)
             record = LayerUpdate(layer, adapter.weight_name(layer), weights_hash(weight), None,
@@ -195,7 +196,7 @@ class EditDelta:
             records.append(dataclasses.replace(record, result_hash=result))
         if fingerprint is None:
             fingerprint = model_fingerprint(model, tokenizer, layers)
-        base = {layer: adapter.weight(layer).detach().cpu().clone() for layer in layers} if keep_base else None
+        base = {layer: whole[layer].detach().cpu().clone() for layer in layers} if keep_base else None
         return cls(records, method=method, hparams=hparams, request_ids=request_ids, fingerprint=fingerprint,
                    base=base)
 
@@ -257,21 +258,22 @@ class EditDelta:
                 )
             for layer, param in params.items():
                 update = self._updates[layer]
-                current = weights_hash(param)
+                current = weights_hash(param)  # of the whole weight, also when sharded
                 if current != update.base_hash:
                     raise DeltaMismatchError(
                         f"layer {layer} ({update.weight_name}): the model's weight (hash {current[:12]}) is not "
                         f"the one this delta was computed on (hash {update.base_hash[:12]}); it is another "
                         "model, or another delta is applied. Revert that first, or pass force=True (--force)"
                     )
-        new = {layer: self._updates[layer].applied_to(p) for layer, p in params.items()}
+        whole = {layer: full_weight(p) for layer, p in params.items()}  # gathered when sharded
+        new = {layer: self._updates[layer].applied_to(w) for layer, w in whole.items()}
         for layer, value in new.items():
             if not torch.isfinite(value).all():
                 raise DeltaError(
                     f"layer {layer}: the edited weight would hold nan or inf in {value.dtype}; nothing was "
                     "changed (the update overflows this dtype)"
                 )
-        originals = {layer: p.detach().clone() for layer, p in params.items()}
+        originals = {layer: w.detach().clone() for layer, w in whole.items()}
         _write_all(params, new, originals)
         self._originals[model] = originals
         if not self.base and all(weights_hash(originals[la]) == u.base_hash for la, u in self._updates.items()):
@@ -296,7 +298,8 @@ class EditDelta:
         new: dict[int, Tensor] = {}
         deviation: dict[int, float] = {}
         changed = []
-        for layer, param in params.items():
+        for layer, stored in params.items():
+            param = full_weight(stored)  # gathered when sharded
             update = self._updates[layer]
             if originals is not None:
                 if torch.equal(param, update.applied_to(originals[layer].to(param.device))):
@@ -317,7 +320,7 @@ class EditDelta:
                 "this model, or weights changed since, e.g. a later delta); revert later deltas first, or pass "
                 "force=True to subtract it anyway"
             )
-        _write_all(params, new, {layer: p.detach().clone() for layer, p in params.items()})
+        _write_all(params, new, {layer: full_weight(p).detach().clone() for layer, p in params.items()})
         self._originals.pop(model, None)
         exact = not changed and all(value == 0.0 for value in deviation.values())
         return RevertReport(exact=exact, max_deviation=deviation)

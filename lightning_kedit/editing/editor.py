@@ -24,6 +24,7 @@ from .hparams import EditHyperParams, resolve_hparams
 from .keys import eval_mode
 from .memit import PhaseTimer, memit_updates
 from .rome import rome_updates
+from .sharded import check_sharded_edit
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -121,6 +122,7 @@ def compute_edit(
     for request in requests:
         if not isinstance(request, EditRequest):
             raise KeditError(f"requests must be EditRequest objects, got {type(request).__name__}")
+    check_sharded_edit(model, method, target_cache, history)
     if isinstance(layers, str):
         layers = auto_edit_layers(model, tokenizer, requests, method, spec=layers)
     if method == "alphaedit":  # MEMIT's pipeline with a null-space projected solve (editing/alphaedit.py)

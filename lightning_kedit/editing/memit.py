@@ -31,11 +31,13 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_kedit.errors import StatisticsMismatchError
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.sharding import full_weight, write_weight
 from lightning_kedit.requests import EditRequest
 
 from .hparams import EditHyperParams
 from .keys import subject_states, template_weights
-from .prefixes import context_templates
+from .prefixes import context_templates  # noqa: F401 - callers read memit.context_templates
+from .sharded import edit_templates
 from .solvers import LowRankUpdate, memit_factors, spread_residuals
 from .targets import NonFiniteEditError, TargetValues, compute_target_values
 
@@ -118,12 +120,16 @@ def temporary_updates(adapter: ModelAdapter, layers: Sequence[int]) -> Iterator[
 
 
 def add_to_weight(adapter: ModelAdapter, layer: int, delta: torch.Tensor) -> None:
-    """``W_l += delta`` (``out x in``, any dtype), computed in float64 and cast to the weight's dtype."""
-    weight = adapter.weight(layer)
+    """``W_l += delta`` (``out x in``, any dtype), computed in float64 and cast to the weight's dtype.
+
+    A sharded (FSDP2) weight is gathered, updated whole and written back as this process's shard.
+    """
+    param = adapter.weight(layer)
+    weight = full_weight(param)
     with torch.no_grad():
         current = adapter.from_stored_layout(weight).to(torch.float64)
         updated = (current + delta.to(device=weight.device, dtype=torch.float64)).to(weight.dtype)
-        weight.copy_(adapter.to_stored_layout(updated))
+        write_weight(param, adapter.to_stored_layout(updated))
 
 
 def memit_updates(
@@ -148,8 +154,8 @@ def memit_updates(
     timer = timer or PhaseTimer()
     last = layers[-1]
     with timer.phase("prefixes"):
-        templates = list(templates) if templates is not None else context_templates(
-            model, tokenizer, hparams.prefix_lengths, seed=hparams.seed
+        templates = list(templates) if templates is not None else edit_templates(
+            model, tokenizer, hparams.prefix_lengths, hparams.seed
         )
     weights = template_weights(templates, hparams.bare_weight)
     with timer.phase("keys"):

@@ -26,12 +26,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.sharding import full_weight
 from lightning_kedit.requests import EditRequest
 
 from .hparams import EditHyperParams, HyperParamError
 from .keys import subject_states, template_weights
 from .memit import PhaseTimer, check_statistics
-from .prefixes import context_templates
+from .sharded import edit_templates
 from .solvers import LowRankUpdate, rome_factors
 from .targets import NonFiniteEditError, TargetValues, compute_target_values
 
@@ -61,8 +62,8 @@ def rome_updates(
     check_statistics(statistics, adapter, [layer])
     timer = timer or PhaseTimer()
     with timer.phase("prefixes"):
-        templates = list(templates) if templates is not None else context_templates(
-            model, tokenizer, hparams.prefix_lengths, seed=hparams.seed
+        templates = list(templates) if templates is not None else edit_templates(
+            model, tokenizer, hparams.prefix_lengths, hparams.seed
         )
     with timer.phase("keys"):
         weights = template_weights(templates, hparams.bare_weight)
@@ -73,7 +74,7 @@ def rome_updates(
         )
     with timer.phase("solve"):
         second_moment = statistics.second_moment(layer).to(torch.float64)  # type: ignore[attr-defined]
-        weight = adapter.from_stored_layout(adapter.weight(layer).detach()).to("cpu", torch.float64)
+        weight = adapter.from_stored_layout(full_weight(adapter.weight(layer)).detach()).to("cpu", torch.float64)
         wanted = keys @ weight.T + values.delta  # v* = W₀ k + δ, one row per request
         us, vs = [], []
         for j in range(len(requests)):

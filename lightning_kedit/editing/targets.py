@@ -37,6 +37,7 @@ from transformers import PreTrainedTokenizerBase
 from lightning_kedit.errors import KeditError
 from lightning_kedit.hooks import first_tensor
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.sharding import is_sharded_model
 from lightning_kedit.requests import EditRequest
 
 from .hparams import EditHyperParams
@@ -171,8 +172,12 @@ def compute_target_values(
     if not requests:
         raise KeditError("the request list is empty; give at least one edit request")
     hp = hparams or EditHyperParams()
+    sharded = is_sharded_model(model)
+    if hp.v_bfloat16 and sharded:
+        raise KeditError("`v_bfloat16` runs copies of the upper blocks, which a sharded (FSDP2) model cannot copy; "
+                         "set v_bfloat16=False (or leave it None)")
     if hp.v_bfloat16 is None:  # resolved here, so that caches and deltas record what ran
-        hp = hp.replace(v_bfloat16=bfloat16_is_fast(next(model.parameters()).device))
+        hp = hp.replace(v_bfloat16=not sharded and bfloat16_is_fast(next(model.parameters()).device))
     if target_cache is not None:
         return target_cache.lookup_or_compute(
             model, tokenizer, requests, layer, templates, hp,

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.sharding import gather_for_direct_call
 
 __all__ = ["FLOAT32_SDPA", "UpperBlocks", "bfloat16_is_fast", "float32_sdpa"]
 
@@ -142,6 +143,8 @@ class UpperBlocks:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits of final hidden states (final norm, OPT's projection, the head, soft-capping)."""
         model = self.adapter.model
+        gather_for_direct_call(model, self.adapter.final_norm())  # a sharded (FSDP2) model's root unit
+        gather_for_direct_call(model, self.head)
         out = self.adapter.final_norm()(hidden)
         project_out = getattr(getattr(getattr(model, "model", None), "decoder", None), "project_out", None)
         with self.autocast():

@@ -219,8 +219,14 @@ class ModelAdapter:
         return self.model.get_output_embeddings()  # type: ignore[operator]
 
     def weight(self, layer: int) -> nn.Parameter:
-        """The raw weight parameter of the projection of ``layer`` (in its stored layout)."""
-        return self.mlp_out(layer).weight  # type: ignore[return-value]
+        """The raw weight parameter of the projection of ``layer`` (in its stored layout).
+
+        For a model sharded with ``fully_shard`` (FSDP2) it is the stored ``DTensor``; read its whole value with
+        :func:`~lightning_kedit.models.sharding.full_weight` (see :mod:`lightning_kedit.models.sharding`).
+        """
+        from lightning_kedit.models.sharding import stored_weight
+
+        return stored_weight(self.model, self.blocks[layer], self.mlp_out(layer))
 
     def weight_name(self, layer: int) -> str:
         """The fully qualified parameter name of the projection weight of ``layer``."""

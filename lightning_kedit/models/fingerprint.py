@@ -32,7 +32,10 @@ _HASH_CHARS = 16
 
 
 def _update_with_tensor(digest: Any, tensor: torch.Tensor) -> None:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    from lightning_kedit.models.sharding import full_weight
+
+    # A sharded (FSDP2) weight is gathered first (a collective call): the hash is that of the whole weight.
+    flat = full_weight(tensor).detach().to("cpu").contiguous().reshape(-1)
     digest.update(f"{str(flat.dtype).removeprefix('torch.')}:{tuple(tensor.shape)}:".encode())
     # Viewing the storage as bytes works for every dtype, bfloat16 included (numpy has no bfloat16).
     digest.update(flat.view(torch.uint8).numpy().tobytes())
