@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -105,3 +106,40 @@ class Server:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class Clients:
+    """Threads sending greedy completions in a bounded loop, recording every response."""
+
+    def __init__(self, port: int, prompts: list[str], *, threads: int = 3, seconds: float = 120.0,
+                 max_tokens: int = 8) -> None:
+        self.port, self.prompts, self.max_tokens = port, prompts, max_tokens
+        self.responses: list[dict[str, Any]] = []
+        self.failures: list[tuple[int, Any]] = []
+        self._stop = threading.Event()
+        self._deadline = time.monotonic() + seconds
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def _run(self, index: int) -> None:
+        n = index
+        while not self._stop.is_set() and time.monotonic() < self._deadline:
+            prompt = self.prompts[n % len(self.prompts)]
+            n += 1
+            sent = time.monotonic()
+            status, body = call(self.port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": self.max_tokens,
+                                                                        "temperature": 0}, timeout=300)
+            if status != 200:
+                self.failures.append((status, body))
+                continue
+            self.responses.append({"prompt": prompt, "sent": sent, "tokens": body["choices"][0]["token_ids"],
+                                   "version": body["kedit_version"], "worker": body["kedit_worker"]})
+
+    def __enter__(self) -> Clients:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=150)

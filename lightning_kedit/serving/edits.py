@@ -201,8 +201,9 @@ class EditAPI(ls.LitAPI):
                      "submissions": len(batch), "layers": delta.layers, "method": self.method,
                      "seconds": record["seconds"], "timings": {k: round(v, 3) for k, v in timings.items()}}
                     for s, submission in zip(scores, batch, strict=True)]
-        return [{"status": 409, "detail": "reverts kept landing while the edit was computed; submit it again"}
-                for _ in batch]
+        detail = (f"the history moved on {_ATTEMPTS} times while the edit was computed (reverts landing), or the "
+                  "editing worker cannot reach the committed version (the server log says why); submit it again")
+        return [{"status": 409, "detail": detail} for _ in batch]
 
 
 def _merged(batch: list[list[EditRequest]]) -> list[EditRequest]:
