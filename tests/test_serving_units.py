@@ -269,3 +269,24 @@ def test_traffic_statistics_record_prompt_keys_only_and_merge(tmp_path):
     expected = (keys.T @ keys + torch.ones(3, 64, dtype=torch.float64).T @ torch.ones(3, 64, dtype=torch.float64))
     torch.testing.assert_close(merged.second_moment(1), expected / (3 + keys.shape[0]))
     traffic.close()
+
+
+# ---------------------------------------------------------------------------------------------------- command
+@pytest.mark.parametrize(("argv", "env", "message"), [
+    (["--port", "8000"], {}, "no write key"),
+    (["--port", "80"], {"KEDIT_WRITE_KEY": "w"}, "--port 80"),
+    (["--v-steps", "-1"], {"KEDIT_WRITE_KEY": "w"}, "v_steps"),
+    (["--workers", "0"], {"KEDIT_WRITE_KEY": "w"}, "--workers must be >= 1"),
+    (["--keys", "missing.env"], {}, "no such file"),
+])
+def test_serve_refuses_bad_options_with_one_line(argv, env, message, tmp_path, monkeypatch, capsys):
+    from lightning_kedit.cli import main
+
+    monkeypatch.delenv("KEDIT_WRITE_KEY", raising=False)
+    monkeypatch.delenv("KEDIT_READ_KEY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--history", str(tmp_path / "h"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
