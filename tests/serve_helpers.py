@@ -71,7 +71,8 @@ class Server:
             self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             start_new_session=True)
 
-    def wait_ready(self, timeout: float = 300.0) -> Server:
+    def wait_ready(self, timeout: float = 900.0) -> Server:
+        """Wait for /health; generous: with an empty cache the editing worker first collects key statistics."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
