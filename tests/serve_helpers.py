@@ -54,6 +54,17 @@ def complete(port: int, prompt: str, max_tokens: int = 8) -> tuple[str, list[int
     return choice["text"], choice["token_ids"], body["kedit_version"]
 
 
+def wait_computing(port: int, timeout: float = 600.0) -> dict[str, Any]:
+    """Poll ``GET /v1/edits`` until the editing worker reports an edit under way; returns its record."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        computing = call(port, "GET", "/v1/edits")[1].get("computing")
+        if computing:
+            return dict(computing)
+        time.sleep(0.05)
+    raise AssertionError(f"no edit was under way within {timeout} s")
+
+
 class Server:
     """A ``kedit serve`` process group; stops itself after ``stop_after`` seconds at the latest."""
 

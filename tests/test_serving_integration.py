@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import shared_data
-from serve_helpers import READ_KEY, WRITE_KEY, Clients, Server, call, complete
+from serve_helpers import READ_KEY, WRITE_KEY, Clients, Server, call, complete, wait_computing
 
 pytestmark = pytest.mark.integration
 
@@ -113,11 +113,11 @@ def test_restart_restores_the_history_and_kill_mid_edit_loses_nothing(facts, his
 
         thread = threading.Thread(target=submit)
         thread.start()
-        time.sleep(15)  # a three-fact SmolLM2 edit takes far longer on this machine
-        manifest_during = json.loads((history / "manifest.json").read_text())
+        under_way = wait_computing(server.port)  # the editing worker computes it (a minute or more): kill now
         server.kill9()
+        manifest_during = json.loads((history / "manifest.json").read_text())
         thread.join(timeout=60)
-    assert manifest_during["version"] == 5, "the edit had committed before the kill"
+    assert under_way["facts"] == 3 and manifest_during["version"] == 5
     assert pending and isinstance(pending[0], OSError)
     with Server("smollm2", history, stop_after=2000) as server:
         assert call(server.port, "GET", "/v1/edits")[1] == STATE["listing"]

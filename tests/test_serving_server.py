@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serve_helpers import WRITE_KEY, Clients, Server, call, complete
+from serve_helpers import WRITE_KEY, Clients, Server, call, complete, wait_computing
 from tiny_models import tiny_model, tiny_tokenizer
 
 PROMPTS = ["Toko Yasuda plays the", "The Eiffel Tower is in", "Danielle Darrieux speaks", "Michael Jordan plays"]
@@ -151,7 +151,8 @@ def test_restart_resumes_and_kill_during_an_edit_loses_nothing_committed(model_d
     facts = [{**FACT, "case_id": str(i), "subject": subject, "prompt": "{} is in"}
              for i, subject in enumerate(["Toko Yasuda", "The Eiffel Tower", "Danielle Darrieux", "Michael Jordan",
                                           "Berlin", "Apple", "Google", "Toyota"])]
-    with Server(str(model_dir), history, stop_after=600, extra=TINY_EDIT) as first:
+    slow = (*TINY_EDIT, "--v-steps", "200", "--stop-prob", "1.0")  # seconds of work to kill in the middle of
+    with Server(str(model_dir), history, stop_after=600, extra=slow) as first:
         committed = call(first.port, "POST", "/v1/edits", {"requests": [FACT]}, key=WRITE_KEY)[1]
         expected, version = _outputs(first.port)
         assert version == committed["version"]
@@ -166,12 +167,13 @@ def test_restart_resumes_and_kill_during_an_edit_loses_nothing_committed(model_d
 
         thread = threading.Thread(target=submit)
         thread.start()
-        time.sleep(2.0)  # the eight-fact edit takes several seconds: kill in the middle of it
-        manifest_during = json.loads((history / "manifest.json").read_text())
+        under_way = wait_computing(first.port)  # the editing worker has started computing it: kill now
         first.kill9()
+        manifest_during = json.loads((history / "manifest.json").read_text())
         thread.join(timeout=90)
     assert pending and isinstance(pending[0], OSError), pending  # the edit never answered
-    assert manifest_during["version"] == version, "the edit had committed before the kill; make it longer"
+    assert under_way["facts"] == 8 and under_way["base_version"] == version
+    assert manifest_during["version"] == version
     assert json.loads((history / "manifest.json").read_text())["version"] == version
     with Server(str(model_dir), history, stop_after=600, extra=TINY_EDIT) as second:
         assert call(second.port, "GET", "/v1/edits")[1] == listing

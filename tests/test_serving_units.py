@@ -103,6 +103,11 @@ def test_store_change_detection_costs_a_stat_and_sees_every_commit(tmp_path):
     assert store.read_if_changed(stamp) == (stamp, None)
     store.revert_to(0)
     assert store.read_if_changed(stamp)[1].version == 2
+    assert store.computing() is None
+    store.mark_computing({"facts": 3})
+    assert store.computing() == {"facts": 3} and store.read().version == 2  # not part of the history
+    store.mark_computing(None)
+    assert store.computing() is None
 
 
 def test_store_rejects_a_foreign_or_damaged_manifest(tmp_path):

@@ -123,6 +123,7 @@ class EditAPI(ls.LitAPI):
                              f"--model {self.model_spec}")
         self.base_statistics = resolve_statistics(self.model, self.tokenizer, self.hparams.layers,
                                                   self.statistics_file)
+        self.store.mark_computing(None)  # left by a server killed during an edit
         self.follower = WeightsFollower(self.model, self.store)
         self.follower.sync()
 
@@ -168,14 +169,22 @@ class EditAPI(ls.LitAPI):
         return merged_statistics(self.base_statistics, self.store.traffic_dir)
 
     def _edit(self, batch: list[list[EditRequest]]) -> list[dict[str, Any]]:
+        requests = _merged(batch)
+        try:
+            return self._edit_attempts(batch, requests)
+        finally:
+            self.store.mark_computing(None)
+
+    def _edit_attempts(self, batch: list[list[EditRequest]], requests: list[EditRequest]) -> list[dict[str, Any]]:
         from lightning_kedit.editing.editor import compute_edit
         from lightning_kedit.metrics import evaluate_requests
 
-        requests = _merged(batch)
         for _ in range(_ATTEMPTS):
             start = time.perf_counter()
             self.follower.sync()
             base_active = list(self.follower.active)
+            self.store.mark_computing({"facts": len(requests), "submissions": len(batch), "since": _now(),
+                                       "base_version": self.follower.version, "pid": os.getpid()})
             timings: dict[str, float] = {}
             delta = compute_edit(self.model, self.tokenizer, requests, method=self.method, hparams=self.hparams,
                                  statistics=self._statistics(), timings=timings)

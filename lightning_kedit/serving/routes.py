@@ -6,7 +6,8 @@ version whose active edits leave the reverted one out, and every worker reaches 
 ============================  =====  ==========================================================================
 route                         key    does
 ============================  =====  ==========================================================================
-``GET /v1/edits``             read   the version, the active edits, every edit's record and the version log
+``GET /v1/edits``             read   the version, the active edits, every edit's record, the version log and
+                                     ``computing``: the edit being computed (facts, since, base version) or null
 ``GET /v1/edits/{id}``        read   one edit's record (404 when unknown)
 ``DELETE /v1/edits/{id}``     write  revert it (404 unknown; 409 not active, or later edits depend on it)
 ``POST /v1/edits/revert``     write  ``{"version": V}``: the active edits of version V again (404 unknown)
@@ -71,7 +72,7 @@ def add_history_routes(app: FastAPI, store: HistoryStore, keys: ServeKeys) -> No
     # Plain ``def`` handlers: FastAPI runs them in its thread pool, so the file lock never blocks the event loop.
     @app.get("/v1/edits", dependencies=read)
     def list_edits() -> dict[str, Any]:
-        return history_view(_read(store))
+        return {**history_view(_read(store)), "computing": store.computing()}
 
     @app.get("/v1/edits/{edit_id}", dependencies=read)
     def get_edit(edit_id: str) -> dict[str, Any]:

@@ -184,6 +184,26 @@ class HistoryStore:
             raise KeditError(f"{self.delta_path(edit_id)} is not the delta the manifest committed for {edit_id}")
         return delta
 
+    # ------------------------------------------------------------------ the edit under way
+    @property
+    def computing_path(self) -> Path:
+        """``computing.json``: the edit the editing worker is computing, if any (not part of the history)."""
+        return self.folder / "computing.json"
+
+    def mark_computing(self, info: dict[str, Any] | None) -> None:
+        """Record the edit being computed (``info``), or that none is (None)."""
+        if info is None:
+            self.computing_path.unlink(missing_ok=True)
+        else:
+            atomic_write_json(self.computing_path, info)
+
+    def computing(self) -> dict[str, Any] | None:
+        """The edit being computed, as :meth:`mark_computing` recorded it, or None."""
+        try:
+            return dict(json.loads(self.computing_path.read_text(encoding="utf-8")))
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
     # ------------------------------------------------------------------ committing
     def _write(self, manifest: Manifest) -> None:
         atomic_write_json(self.manifest_path, manifest.to_json(), indent=1)
