@@ -22,6 +22,7 @@ from lightning_kedit.editing import (
     compute_edit,
     edit,
 )
+from lightning_kedit.editing.damage_guard import DamageGuard, DamageReport, EditRejectedError
 from lightning_kedit.editing.history import EditHistory
 from lightning_kedit.editing.sequential import edit_sequentially
 from lightning_kedit.errors import KeditError, ModelLoadError, RequestFormatError, StatisticsMismatchError
@@ -76,12 +77,15 @@ _LAZY = {
 __all__ = [
     "ADAPTER_TABLE",
     "AdapterSpec",
+    "DamageGuard",
+    "DamageReport",
     "EditConsistency",
     "EditDelta",
     "EditEfficacy",
     "EditGeneralization",
     "EditHistory",
     "EditHyperParams",
+    "EditRejectedError",
     "EditRequest",
     "EditScore",
     "EditSpecificity",

@@ -56,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="optimise target values through bfloat16 copies of the upper layers first, then finish "
                              "in float32 (default: when the CPU or GPU multiplies bfloat16 natively)")
     parser.add_argument("--no-eval", action="store_true", help="skip the before/after metrics")
+    parser.add_argument("--force", action="store_true",
+                        help="save the edit even when the damage guard rejects it (the warning is still printed)")
+    parser.add_argument("--max-ppl-rise", type=float, default=0.10, metavar="R",
+                        help="damage guard: largest relative perplexity rise on its probe (default: 0.10 = +10%%)")
+    parser.add_argument("--max-neighborhood-drop", type=float, default=0.10, metavar="D",
+                        help="damage guard: largest fall of the neighbourhood probability (default: 0.10)")
     parser.add_argument("--progress", action="store_true", help="print progress to stderr")
 
 
@@ -94,7 +100,13 @@ def _table(before: dict[str, Any] | None, after: dict[str, Any] | None, seconds:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Load, compute the edit, report before/after, save the delta; nothing is written on failure."""
+    """Load, compute the edit, guard against damage, report before/after, save the delta.
+
+    Nothing is written on failure, nor when the damage guard rejects the edit (without ``--force``).
+    """
+    import sys
+
+    from lightning_kedit.editing.damage_guard import DamageGuard, EditRejectedError
     from lightning_kedit.editing.editor import compute_edit
     from lightning_kedit.models.loading import load_model
     from lightning_kedit.requests import load_requests
@@ -106,6 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise KeditError(f"--requests {args.requests!r} is not a file; give an edit request file")
     if args.stats is not None and not Path(args.stats).is_file():
         raise KeditError(f"--stats {args.stats!r} is not a file; make one with `kedit stats --out FILE`")
+    guard = DamageGuard(max_perplexity_rise=args.max_ppl_rise, max_neighborhood_drop=args.max_neighborhood_drop)
     requests = load_requests(args.requests, args.n)
     if not requests:
         raise KeditError(f"--requests {args.requests!r} holds no edit request")
@@ -119,6 +132,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         before = evaluate_requests(model, tokenizer, requests)
     delta = compute_edit(model, tokenizer, requests, method=args.method, hparams=hp, statistics=args.stats,
                          progress=args.progress, timings=seconds)
+    report = guard.measure(model, tokenizer, delta, requests)
+    seconds["guard"] = report.seconds
+    if not report.passed:
+        if not args.force:
+            raise EditRejectedError(report)
+        print(f"kedit edit: warning (--force): {report.message}", file=sys.stderr)
     if not args.no_eval:
         tick = time.perf_counter()
         delta.apply(model)
@@ -131,6 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds["total"] = time.perf_counter() - start
     print(f"{args.method} edit of {len(requests)} request(s) at layers {list(hp.layers)} -> {path}")
     print(_table(before, after, seconds))
+    if report.passed:
+        print(report.message)
     return {
         "method": args.method,
         "n": len(requests),
@@ -139,5 +160,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "out": str(path),
         "before": before,
         "after": after,
+        "guard": report.to_dict(),
         "seconds": seconds,
     }

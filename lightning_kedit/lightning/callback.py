@@ -44,6 +44,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 # Imported at run time, not only for type checking: LightningCLI (jsonargparse) reads the signature.
+from lightning_kedit.editing.damage_guard import DamageGuard
 from lightning_kedit.editing.hparams import METHODS, EditHyperParams
 from lightning_kedit.editing.keys import eval_mode
 from lightning_kedit.errors import KeditError
@@ -60,6 +61,7 @@ from .batch_statistics import (
     gather_statistics,
     open_statistics,
 )
+from .edit_guard import check_on_damage, guard_delta, handle_rejection, resolve_guard
 from .edit_metrics import (
     EDIT_METRICS,
     announce_edit,
@@ -73,6 +75,7 @@ from .statistics_checkpoint import load_statistics_files, save_statistics_files
 from .strategies import check_strategy, check_whole_weights, full_parameters, language_model, same_on_every_rank
 
 if TYPE_CHECKING:
+    from lightning_kedit.editing.damage_guard import DamageReport
     from lightning_kedit.editing.delta import EditDelta
 
 __all__ = ["EDIT_METRICS", "EDIT_MOMENTS", "AppliedEdit", "KnowledgeEditCallback"]
@@ -108,6 +111,10 @@ class KnowledgeEditCallback(Callback):
         checkpoint_deltas: also store the deltas themselves in checkpoints (so ``revert`` works after a resume
             without ``save_delta_to``).
         tokenizer: the tokenizer (default: the LightningModule's ``tokenizer``).
+        damage_guard: a :class:`~lightning_kedit.editing.damage_guard.DamageGuard` that measures each edit before
+            it enters the weights (True: the default guard; False: none); see :meth:`on_edit_rejected`.
+        on_damage: what a rejected edit does: ``"skip"`` (warn, not applied), ``"raise"`` (a
+            ``MisconfigurationException``) or ``"apply"`` (warn, applied anyway).
 
     Example::
 
@@ -140,6 +147,8 @@ class KnowledgeEditCallback(Callback):
         save_delta_to: PathLike | None = None,
         checkpoint_deltas: bool = False,
         tokenizer: PreTrainedTokenizerBase | None = None,
+        damage_guard: DamageGuard | bool = True,
+        on_damage: str = "skip",
     ) -> None:
         if n_requests is not None and n_requests < 1:
             raise KeditError(f"`n_requests` must be >= 1 or None, got {n_requests}")
@@ -181,6 +190,10 @@ class KnowledgeEditCallback(Callback):
         self.save_delta_to = None if save_delta_to is None else Path(save_delta_to).expanduser()
         self.checkpoint_deltas = checkpoint_deltas
         self._tokenizer_arg = tokenizer
+        self.damage_guard = resolve_guard(damage_guard)
+        self.on_damage = check_on_damage(on_damage)
+        #: The damage reports of the edits the guard rejected, oldest first.
+        self.rejections: list[DamageReport] = []
         self._state_key = self._generate_state_key(
             requests=requests_key, method=method, layers=self.layers, edit_at=self.edit_at
         )
@@ -401,6 +414,9 @@ class KnowledgeEditCallback(Callback):
             if adopted.digest() != delta.digest():
                 self.on_ranks_disagree(trainer, pl_module, delta, adopted)
             delta = adopted
+            report = guard_delta(trainer, self.damage_guard, model, tokenizer, delta, self.requests)
+            if report is not None and not report.passed and not self.on_edit_rejected(trainer, pl_module, report):
+                return delta  # not applied
             delta.apply(model)
             seconds = time.perf_counter() - started
             after = self._evaluate(model, tokenizer)
@@ -417,6 +433,14 @@ class KnowledgeEditCallback(Callback):
         self._deltas[record.digest] = delta
         self._report(trainer, pl_module, record, before, after, seconds, can_log)
         return delta
+
+    def on_edit_rejected(self, trainer: Trainer, pl_module: LightningModule, report: DamageReport) -> bool:
+        """Called when the damage guard rejects an edit; return True to apply it anyway. Override to decide.
+
+        Records the report in :attr:`rejections`, then follows ``on_damage`` (raise, warn and skip, or apply).
+        """
+        self.rejections.append(report)
+        return handle_rejection(self.on_damage, report)
 
     def on_ranks_disagree(
         self, trainer: Trainer, pl_module: LightningModule, computed: EditDelta, adopted: EditDelta
