@@ -31,7 +31,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     history = tmp_path_factory.mktemp("served") / "history"
-    with Server(str(model_dir), history, workers=2, stop_after=900, extra=TINY_EDIT) as running:
+    strict_guard = ("--max-neighborhood-drop", "0.000001")  # refuses any edit that lowers a neighbour's answer
+    with Server(str(model_dir), history, workers=2, stop_after=900, extra=(*TINY_EDIT, *strict_guard)) as running:
         yield running
 
 
@@ -144,6 +145,23 @@ def test_edits_submitted_while_busy_are_solved_as_one_batch(server: Server):
     history = call(server.port, "GET", "/v1/edits")[1]
     assert history["version"] == version + len(ids)
     assert call(server.port, "POST", "/v1/edits/revert", {"version": version}, key=WRITE_KEY)[0] == 200
+
+
+def test_an_edit_the_damage_guard_refuses_gets_422_and_changes_nothing(server: Server):
+    listing = call(server.port, "GET", "/v1/edits")[1]
+    before = _outputs(server.port)
+    neighbours = [{"prompt": "Michael Jordan plays the", "answer": "basketball"},
+                  {"prompt": "Toko Yasuda plays", "answer": "guitar"}]
+    fact = {**FACT, "neighborhood": neighbours}
+    status, body = call(server.port, "POST", "/v1/edits", {"requests": [fact]}, key=WRITE_KEY)
+    assert status == 422, body
+    assert body["guard"]["passed"] is False and body["guard"]["neighborhood_drop"] > 0.000001
+    assert "rejected by the damage guard" in body["detail"] and '"force": true' in body["detail"]
+    assert call(server.port, "GET", "/v1/edits")[1] == listing and _outputs(server.port) == before
+    status, forced = call(server.port, "POST", "/v1/edits", {"requests": [fact], "force": True}, key=WRITE_KEY)
+    assert status == 200 and forced["version"] == listing["version"] + 1 and forced["guard"]["passed"] is False
+    assert call(server.port, "DELETE", f"/v1/edits/{forced['id']}", key=WRITE_KEY)[0] == 200
+    assert _outputs(server.port)[0] == before[0]
 
 
 def test_restart_resumes_and_kill_during_an_edit_loses_nothing_committed(model_dir: Path, tmp_path: Path):

@@ -229,6 +229,7 @@ def test_edit_submission_checks_every_record_on_arrival():
         EditSubmission(requests=[{**good, "prompt": "Someone plays the"}])
     with pytest.raises(ValueError):
         EditSubmission(requests=[])
+    assert EditSubmission(requests=[good]).force is False and EditSubmission(requests=[good], force=True).force
 
 
 # ---------------------------------------------------------------------------------------------------- generation
@@ -283,6 +284,7 @@ def test_traffic_statistics_record_prompt_keys_only_and_merge(tmp_path):
     (["--v-steps", "-1"], {"KEDIT_WRITE_KEY": "w"}, "v_steps"),
     (["--workers", "0"], {"KEDIT_WRITE_KEY": "w"}, "--workers must be >= 1"),
     (["--keys", "missing.env"], {}, "no such file"),
+    (["--max-ppl-rise", "-1"], {"KEDIT_WRITE_KEY": "w"}, "max_perplexity_rise"),
 ])
 def test_serve_refuses_bad_options_with_one_line(argv, env, message, tmp_path, monkeypatch, capsys):
     from lightning_kedit.cli import main

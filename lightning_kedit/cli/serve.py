@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for option, (_, kind, help_text) in _HPARAM_OPTIONS.items():
         parser.add_argument(f"--{option.replace('_', '-')}", dest=f"hp_{option}", type=kind, default=None,
                             help=f"{help_text} (default: per model)")
+    parser.add_argument("--max-ppl-rise", type=float, default=0.10, metavar="R",
+                        help="damage guard: largest relative perplexity rise on its probe (default: 0.10 = +10%%)")
+    parser.add_argument("--max-neighborhood-drop", type=float, default=0.10, metavar="D",
+                        help="damage guard: largest fall of the neighbourhood probability (default: 0.10)")
     parser.add_argument("--traffic-stats", action="store_true",
                         help="merge the key statistics of the served prompts into each edit's statistics")
     parser.add_argument("--threads", type=int, default=None, metavar="T",
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                if getattr(args, f"hp_{option}") is not None}
     server = build_server(args.model, args.history, keys, workers=args.workers, method=args.method,
                           statistics=args.stats, traffic_statistics=args.traffic_stats, threads=args.threads,
-                          max_batch_size=args.max_batch_size, hparams=hparams)
+                          max_batch_size=args.max_batch_size, hparams=hparams, max_ppl_rise=args.max_ppl_rise,
+                          max_neighborhood_drop=args.max_neighborhood_drop)
     # LitServe shuts down gracefully on a KeyboardInterrupt in its main process: SIGTERM gets the same
     # (a process started in the background may have SIGINT ignored).
     signal.signal(signal.SIGTERM, _interrupt)

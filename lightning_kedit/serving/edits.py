@@ -6,8 +6,10 @@ queue and are taken together as the next batch: their facts are solved as **one*
 the worker
 
 1. brings its model to the committed version (its active edits are the edit's base);
-2. computes the delta (the model is unchanged meanwhile), applies it, and measures efficacy on each
-   submission's facts;
+2. computes the delta (the model is unchanged meanwhile), has the damage guard measure it
+   (:class:`~lightning_kedit.editing.damage_guard.DamageGuard`: probe perplexity and the facts' neighbourhood,
+   with the delta applied temporarily) and refuses it with 422 past the guard's limits unless every submission
+   says ``"force": true``; then applies it and measures efficacy on each submission's facts;
 3. commits it (:meth:`HistoryStore.commit_edit <.store.HistoryStore.commit_edit>`: delta file, then manifest).
    If a revert landed meanwhile, the delta no longer fits: it is reverted and computed again on the new
    weights (up to three times, then 409).
@@ -24,6 +26,7 @@ Example:
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import litserve as ls
@@ -32,6 +35,7 @@ from fastapi import Header, HTTPException
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 
+from lightning_kedit.editing.damage_guard import DamageGuard, EditRejectedError
 from lightning_kedit.errors import KeditError
 from lightning_kedit.requests import EditRequest, parse_request_records
 
@@ -47,9 +51,13 @@ _ATTEMPTS = 3
 
 
 class EditSubmission(BaseModel):
-    """``{"requests": [...]}``: edit requests in any layout ``kedit edit`` reads, checked on arrival."""
+    """``{"requests": [...], "force": false}``: requests in any layout ``kedit edit`` reads, checked on arrival.
+
+    ``force`` commits the edit even when the damage guard rejects it.
+    """
 
     requests: list[dict[str, Any]] = Field(min_length=1)
+    force: bool = False
 
     @model_validator(mode="after")
     def _parse(self) -> "EditSubmission":
@@ -62,6 +70,12 @@ class EditSubmission(BaseModel):
     def edit_requests(self) -> list[EditRequest]:
         """The parsed requests."""
         return parse_request_records(self.requests, "request body")
+
+
+@dataclass(frozen=True)
+class _Submission:
+    requests: list[EditRequest]
+    force: bool
 
 
 class EditAPI(ls.LitAPI):
@@ -78,12 +92,15 @@ class EditAPI(ls.LitAPI):
         threads: torch threads of the worker (None: torch's default).
         max_batch_size: the most submissions solved as one edit.
         batch_timeout: seconds the worker waits for more submissions once one has arrived.
+        max_ppl_rise: the damage guard's largest relative perplexity rise on its probe (0.10 = +10%).
+        max_neighborhood_drop: the damage guard's largest fall of the neighbourhood probability.
     """
 
     def __init__(self, model: str, history: str | os.PathLike[str], keys: ServeKeys, *, method: str = "memit",
                  statistics: str | None = None, hparams: dict[str, Any] | None = None,
                  traffic_statistics: bool = False, threads: int | None = None, max_batch_size: int = 16,
-                 batch_timeout: float = 0.05) -> None:
+                 batch_timeout: float = 0.05, max_ppl_rise: float = 0.10,
+                 max_neighborhood_drop: float = 0.10) -> None:
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout, api_path="/v1/edits")
         if method not in ("memit", "rome"):
             raise KeditError(f"--method {method!r}: a served model is edited with memit or rome")
@@ -93,6 +110,7 @@ class EditAPI(ls.LitAPI):
         self.method = method
         self.statistics_file = statistics
         self.hparam_changes = dict(hparams or {})
+        self.guard = DamageGuard(max_perplexity_rise=max_ppl_rise, max_neighborhood_drop=max_neighborhood_drop)
         self.traffic_statistics = traffic_statistics
         self.threads = threads
 
@@ -127,11 +145,11 @@ class EditAPI(ls.LitAPI):
         self.follower = WeightsFollower(self.model, self.store)
         self.follower.sync()
 
-    def decode_request(self, request: EditSubmission, **kwargs: Any) -> list[EditRequest]:
+    def decode_request(self, request: EditSubmission, **kwargs: Any) -> _Submission:
         """The submission's requests."""
-        return request.edit_requests()
+        return _Submission(request.edit_requests(), request.force)
 
-    def batch(self, inputs: list[list[EditRequest]]) -> list[list[EditRequest]]:
+    def batch(self, inputs: list[_Submission]) -> list[_Submission]:
         """Submissions stay separate until :meth:`predict` merges them."""
         return inputs
 
@@ -139,7 +157,7 @@ class EditAPI(ls.LitAPI):
         """One result per submission."""
         return output
 
-    def predict(self, batch: list[list[EditRequest]], **kwargs: Any) -> list[dict[str, Any]]:
+    def predict(self, batch: list[_Submission], **kwargs: Any) -> list[dict[str, Any]]:
         """Solve the submissions as one edit; when that fails, each alone."""
         try:
             return self._edit(batch)
@@ -157,7 +175,8 @@ class EditAPI(ls.LitAPI):
     def encode_response(self, output: dict[str, Any], **kwargs: Any) -> Any:
         """The edit's record, or the error with its HTTP status."""
         if "status" in output:
-            return JSONResponse({"detail": output["detail"]}, status_code=output["status"])
+            body = {key: value for key, value in output.items() if key != "status"}
+            return JSONResponse(body, status_code=output["status"])
         return output
 
     # ------------------------------------------------------------------ the edit
@@ -168,14 +187,14 @@ class EditAPI(ls.LitAPI):
 
         return merged_statistics(self.base_statistics, self.store.traffic_dir)
 
-    def _edit(self, batch: list[list[EditRequest]]) -> list[dict[str, Any]]:
+    def _edit(self, batch: list[_Submission]) -> list[dict[str, Any]]:
         requests = _merged(batch)
         try:
             return self._edit_attempts(batch, requests)
         finally:
             self.store.mark_computing(None)
 
-    def _edit_attempts(self, batch: list[list[EditRequest]], requests: list[EditRequest]) -> list[dict[str, Any]]:
+    def _edit_attempts(self, batch: list[_Submission], requests: list[EditRequest]) -> list[dict[str, Any]]:
         from lightning_kedit.editing.editor import compute_edit
         from lightning_kedit.metrics import evaluate_requests
 
@@ -188,12 +207,17 @@ class EditAPI(ls.LitAPI):
             timings: dict[str, float] = {}
             delta = compute_edit(self.model, self.tokenizer, requests, method=self.method, hparams=self.hparams,
                                  statistics=self._statistics(), timings=timings)
+            report = self.guard.measure(self.model, self.tokenizer, delta, requests)  # the model is unchanged
+            timings["guard"] = report.seconds
+            if not report.passed and not all(submission.force for submission in batch):
+                raise EditRejectedError(report)
             delta.apply(self.model)
             try:
-                scores = [evaluate_requests(self.model, self.tokenizer, submission) for submission in batch]
+                scores = [evaluate_requests(self.model, self.tokenizer, submission.requests) for submission in batch]
                 record = {"requests": [_record(r) for r in requests], "n": len(requests),
                           "method": self.method, "submissions": len(batch),
-                          "efficacy": _mean([s["efficacy"] for s in scores], [len(b) for b in batch]),
+                          "efficacy": _mean([s["efficacy"] for s in scores], [len(b.requests) for b in batch]),
+                          "guard": report.to_dict(),
                           "seconds": round(time.perf_counter() - start, 3), "created": _now()}
                 edit_id, version = self.store.commit_edit(delta, base_active, record, self.fingerprint)
             except StaleEditError:
@@ -206,23 +230,24 @@ class EditAPI(ls.LitAPI):
             log.info("kedit serve: edit %s of %d fact(s) committed as version %d", edit_id, len(requests), version)
             return [{"id": edit_id, "version": version, "efficacy": s["efficacy"],
                      "efficacy_prob": s["efficacy_prob"], "paraphrase": s["paraphrase"],
-                     "neighborhood": s["neighborhood"], "n": len(submission), "batch_n": len(requests),
+                     "neighborhood": s["neighborhood"], "n": len(submission.requests), "batch_n": len(requests),
                      "submissions": len(batch), "layers": delta.layers, "method": self.method,
-                     "seconds": record["seconds"], "timings": {k: round(v, 3) for k, v in timings.items()}}
+                     "seconds": record["seconds"], "timings": {k: round(v, 3) for k, v in timings.items()},
+                     "guard": record["guard"]}
                     for s, submission in zip(scores, batch, strict=True)]
         detail = (f"the history moved on {_ATTEMPTS} times while the edit was computed (reverts landing), or the "
                   "editing worker cannot reach the committed version (the server log says why); submit it again")
         return [{"status": 409, "detail": detail} for _ in batch]
 
 
-def _merged(batch: list[list[EditRequest]]) -> list[EditRequest]:
+def _merged(batch: list[_Submission]) -> list[EditRequest]:
     """All submissions' requests; case ids that repeat across submissions get the submission's index."""
     import dataclasses
 
     seen: set[str] = set()
     merged = []
     for index, submission in enumerate(batch):
-        for request in submission:
+        for request in submission.requests:
             if request.case_id in seen:
                 request = dataclasses.replace(request, case_id=f"{index}.{request.case_id}")
             seen.add(request.case_id)
@@ -241,6 +266,9 @@ def _mean(values: list[float | None], weights: list[int]) -> float | None:
 
 
 def _failure(err: KeditError) -> dict[str, Any]:
+    if isinstance(err, EditRejectedError):  # the guard's figures, and the way to force the edit
+        return {"status": 422, "detail": f"{err}; or resubmit with \"force\": true",
+                "guard": err.report.to_dict()}
     return {"status": 422, "detail": str(err)}
 
 

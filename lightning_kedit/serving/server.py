@@ -33,7 +33,8 @@ def default_threads(workers: int) -> int:
 def build_server(model: str, history: str | os.PathLike[str], keys: ServeKeys, *, workers: int = 1,
                  method: str = "memit", statistics: str | None = None, traffic_statistics: bool = False,
                  threads: int | None = None, max_batch_size: int = 8, timeout: float = 120.0,
-                 accelerator: str = "auto", hparams: dict[str, Any] | None = None,
+                 accelerator: str = "auto", hparams: dict[str, Any] | None = None, max_ppl_rise: float = 0.10,
+                 max_neighborhood_drop: float = 0.10,
                  **server_options: Any) -> ls.LitServer:
     """A ``LitServer`` serving ``model`` with live edits recorded in ``history``.
 
@@ -49,11 +50,13 @@ def build_server(model: str, history: str | os.PathLike[str], keys: ServeKeys, *
         max_batch_size: generation requests per batch.
         timeout: seconds a generation request may wait in the queue before a 504.
         hparams: changes to the method's per-model hyper-parameters (``EditHyperParams`` fields).
+        max_ppl_rise: the damage guard's largest relative perplexity rise (an edit past it gets 422).
+        max_neighborhood_drop: the damage guard's largest fall of the neighbourhood probability.
         accelerator: LitServe's ``"auto"``, ``"cpu"``, ``"cuda"``, ``"mps"`` (each worker loads the model there).
         server_options: passed to ``LitServer`` (callbacks, middlewares, ...).
 
     Raises:
-        KeditError: unusable keys, method or history folder.
+        KeditError: unusable keys, method, guard limits or history folder.
     """
     from lightning_kedit.editing.hparams import EditHyperParams
 
@@ -64,6 +67,7 @@ def build_server(model: str, history: str | os.PathLike[str], keys: ServeKeys, *
     completions = CompletionAPI(model, history, keys, threads=threads, traffic_statistics=traffic_statistics,
                                 max_batch_size=max_batch_size)
     edits = EditAPI(model, history, keys, method=method, statistics=statistics, hparams=hparams,
+                    max_ppl_rise=max_ppl_rise, max_neighborhood_drop=max_neighborhood_drop,
                     traffic_statistics=traffic_statistics, threads=os.cpu_count())
     server = ls.LitServer([completions, edits], accelerator=accelerator,  # type: ignore[arg-type]
                           workers_per_device={"/v1/completions": workers, "/v1/edits": 1},
