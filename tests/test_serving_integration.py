@@ -72,6 +72,7 @@ def test_live_edit_answers_new_objects_reverts_exactly_and_refuses_bad_input(fac
             time.sleep(3)
         after, after_text, v1 = _outputs(port, prompts)
         assert v1 == edit["version"] == 1 and edit["efficacy"] == 1.0
+        assert edit["guard"]["passed"] and edit["guard"]["perplexity_rise"] <= 0.10  # the damage guard measured it
         for record in five:  # greedy answers are the new objects
             assert after_text[_prompt(record)].strip().startswith(record["target_new"]), after_text
         reference = {v0: before, v1: after}

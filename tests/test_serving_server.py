@@ -53,6 +53,9 @@ def test_health_and_generation_report_the_version(server: Server):
     assert status == 200 and body["object"] == "text_completion"
     assert body["kedit_version"] == call(server.port, "GET", "/v1/edits")[1]["version"]
     assert len(body["choices"][0]["token_ids"]) == body["usage"]["completion_tokens"] <= 4
+    status, both = call(server.port, "POST", "/v1/completions", {"prompt": PROMPTS[:2], "max_tokens": 4})
+    assert status == 200 and [c["index"] for c in both["choices"]] == [0, 1]
+    assert both["choices"][0]["token_ids"] == body["choices"][0]["token_ids"]  # each prompt runs alone
 
 
 def test_keys_are_required_and_a_refused_edit_changes_nothing(server: Server):

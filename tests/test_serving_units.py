@@ -243,6 +243,10 @@ def test_greedy_generation_matches_a_naive_loop_without_cache():
             expected.append(int(model(torch.tensor([ids + expected])).logits[0, -1].argmax()))
     assert completion.tokens == expected and completion.finish_reason == "length"
     assert completion.text == tokenizer.decode(expected, skip_special_tokens=True)
+    stop_at = tokenizer.decode(expected[2:4])  # a stop string: the text ends before it, finish_reason "stop"
+    stopped = generate_text(model, tokenizer, prompt, max_tokens=6, stop=[stop_at])
+    assert stopped.finish_reason == "stop" and stop_at not in stopped.text
+    assert completion.text.startswith(stopped.text)
     sampled = [generate_text(model, tokenizer, prompt, max_tokens=6, temperature=1.0, seed=s).tokens for s in (1, 1, 2)]
     assert sampled[0] == sampled[1]  # a seed fixes the sample
 
