@@ -8,8 +8,10 @@ run neither applies an edit twice nor loses one.
 
 Under DDP every process sums its statistics with the others' (an all-reduce) and computes the same edit from the
 same requests; the callback checks the deltas' digests agree and otherwise adopts rank 0's, so the weights stay
-bit-identical. Under FSDP (v1) the edit is computed and applied on full parameters (``summon_full_params`` with
-write-back). DeepSpeed, FSDP2 and tensor parallelism are refused at ``setup``.
+bit-identical. A checkpoint references each process's statistics, kept in a file beside it
+(:mod:`.statistics_checkpoint`). Under FSDP2 (``fully_shard`` in ``configure_model`` of a ``ModelParallelStrategy``
+run) the edit runs on the sharded model itself, gathering only the edit layers' weights. DeepSpeed, FSDP1 and
+tensor parallelism are refused at ``setup`` (:mod:`.strategies`).
 
 Its parts live beside it: :mod:`.edit_moments` (when to edit), :mod:`.batch_statistics` (the key statistics),
 :mod:`.edit_metrics` (what is reported), :mod:`.applied_edits` (the records of the edits in the weights) and
@@ -71,8 +73,8 @@ from .edit_metrics import (
     metric_names,
 )
 from .edit_moments import EDIT_MOMENTS, Moment, check_moments, moment_key
-from .statistics_checkpoint import load_statistics_files, save_statistics_files
-from .strategies import check_strategy, check_whole_weights, full_parameters, language_model, same_on_every_rank
+from .statistics_checkpoint import restore_statistics, save_statistics_files
+from .strategies import check_edit_weights, check_strategy, language_model, same_on_every_rank
 
 if TYPE_CHECKING:
     from lightning_kedit.editing.damage_guard import DamageReport
@@ -242,7 +244,6 @@ class KnowledgeEditCallback(Callback):
         check_strategy(trainer.strategy)
         model = language_model(pl_module)
         adapter = ModelAdapter.for_model(model)
-        check_whole_weights(adapter)
         tokenizer = self._tokenizer(pl_module)
         if not self.requests:
             from lightning_kedit.requests import load_requests
@@ -396,10 +397,11 @@ class KnowledgeEditCallback(Callback):
 
         model = language_model(pl_module)
         tokenizer = self._tokenizer(pl_module)
+        check_edit_weights(ModelAdapter.for_model(model), cast(list[int], self.layers))  # sharded by configure_model
         statistics = self.gathered_statistics(trainer)
         started = time.perf_counter()
         # Prediction runs under inference mode, but the target values are found by gradient descent.
-        with torch.inference_mode(False), torch.enable_grad(), full_parameters(trainer.strategy), eval_mode(model):
+        with torch.inference_mode(False), torch.enable_grad(), eval_mode(model):
             before = self._evaluate(model, tokenizer)
             delta = compute_edit(
                 model,
@@ -457,9 +459,8 @@ class KnowledgeEditCallback(Callback):
         """Undo every edit this callback put in the weights (newest first); returns how many were undone."""
         model = language_model(trainer.lightning_module)
         deltas = [recorded_delta(record, self._deltas) for record in reversed(self._applied)]
-        with full_parameters(trainer.strategy):
-            for delta in deltas:
-                delta.revert(model)
+        for delta in deltas:
+            delta.revert(model)
         count = len(self._applied)
         self._applied.clear()
         if count:
@@ -519,13 +520,8 @@ class KnowledgeEditCallback(Callback):
             state["statistics_files"] = save_statistics_files(trainer, self.statistics)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("callbacks", {}).get(self.state_key, {})
-        if self.statistics is None or self.statistics_source is None:
-            return
-        if "statistics_files" in state:
-            load_statistics_files(trainer, self.statistics, state["statistics_files"], trainer.ckpt_path)
-        elif "statistics" in state and trainer.global_rank == 0:  # older checkpoints: one process's sums, inline
-            self.statistics.load_state_dict(state["statistics"])
+        if self.statistics is not None and self.statistics_source is not None:
+            restore_statistics(trainer, self.statistics, checkpoint.get("callbacks", {}).get(self.state_key, {}))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # The weights restored with this state already hold these edits: they are recorded, not re-applied.

@@ -40,7 +40,14 @@ from lightning_kedit.atomic_files import atomic_save_safetensors
 from lightning_kedit.errors import KeditError
 from lightning_kedit.statistics import KeyStatistics
 
-__all__ = ["FORMAT", "load_statistics_files", "save_statistics_files", "statistics_file_name", "statistics_folder"]
+__all__ = [
+    "FORMAT",
+    "load_statistics_files",
+    "restore_statistics",
+    "save_statistics_files",
+    "statistics_file_name",
+    "statistics_folder",
+]
 
 #: Format tag of the per-process statistics files and of their reference in the checkpoint.
 FORMAT = "lightning_kedit.callback_statistics/1"
@@ -172,3 +179,16 @@ def load_statistics_files(
             getattr(statistics, name).copy_(value)
     statistics._update_count = 1  # the states hold data: no "compute before update" warning
     statistics._computed = None
+
+
+def restore_statistics(trainer: Trainer, statistics: KeyStatistics, state: Mapping[str, Any]) -> None:
+    """Restore ``statistics`` from the callback's checkpoint ``state``, whichever way it holds them.
+
+    ``statistics_files`` is a reference to per-process files (:func:`load_statistics_files`). Checkpoints written
+    before it hold one process's sums inline (``statistics``): rank 0 continues from them, the others from zero,
+    which is exact when they came from a single process.
+    """
+    if "statistics_files" in state:
+        load_statistics_files(trainer, statistics, state["statistics_files"], trainer.ckpt_path)
+    elif "statistics" in state and trainer.global_rank == 0:
+        statistics.load_state_dict(state["statistics"])

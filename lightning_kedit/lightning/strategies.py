@@ -1,10 +1,17 @@
-"""What the callback needs of Lightning's strategies: whole weights on every process, and one delta for all.
+"""What the callback needs of Lightning's strategies: weights it can read and write, and one delta for all.
 
-The edited projections must be whole on every process: a single device, DDP, or FSDP (v1), under which an
-edit runs inside :func:`full_parameters` (``summon_full_params`` with write-back). DeepSpeed, FSDP2 and tensor
-or model parallelism are refused by :func:`check_strategy`. Under DDP every process computes the same edit
-from the same requests; :func:`same_on_every_rank` checks the deltas' digests agree and otherwise sends rank
-0's to all, so the weights stay bit-identical.
+Supported: a single device, DDP, and ``ModelParallelStrategy`` with ``tensor_parallel_size=1`` whose
+``configure_model`` shards the model with ``fully_shard`` (FSDP2), each transformer block as a unit of its own.
+Under FSDP2 the edit runs on the sharded model as it is (:mod:`lightning_kedit.models.sharding`): keys, target
+values and metrics come from its ordinary forward and backward on every process, and only the edit layers'
+weights are gathered to be read and written back as shards; nothing runs inside a gather of the whole model.
+:func:`check_strategy` refuses, naming them, DeepSpeed (it partitions the weights and optimizer itself), tensor
+parallelism (``tensor_parallel_size`` other than 1), ``FSDPStrategy`` (FSDP1: its flat parameters can only be
+read by gathering the whole unit, and the edit's forward passes would have to run through the wrapper) and any
+other strategy; :func:`check_edit_weights` refuses sharded weights that ``fully_shard`` did not make.
+
+Every process computes the same edit from the same requests; :func:`same_on_every_rank` checks the deltas'
+digests agree and otherwise sends rank 0's to all, so the weights stay bit-identical.
 
 Example:
     >>> from lightning.pytorch.strategies import SingleDeviceStrategy
@@ -13,56 +20,77 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_kedit.models import ModelAdapter
+from lightning_kedit.models.sharding import is_sharded, is_sharded_model
 
 from .applied_edits import delta_from_bytes, delta_to_bytes
 
 if TYPE_CHECKING:
     from lightning_kedit.editing.delta import EditDelta
 
-__all__ = ["check_strategy", "check_whole_weights", "full_parameters", "language_model", "same_on_every_rank"]
+__all__ = ["check_edit_weights", "check_strategy", "language_model", "same_on_every_rank"]
+
+_USE = ("use a single device, strategy='ddp', or ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) "
+        "with fully_shard (FSDP2) on each block and the model in configure_model")
 
 
 def check_strategy(strategy: Strategy) -> None:
-    """Refuse strategies that split the edited weights across processes.
+    """Refuse strategies whose weights the edit cannot read and write layer by layer.
 
     Raises:
-        MisconfigurationException: DeepSpeed, FSDP2, tensor or model parallelism (named, with what to use).
+        MisconfigurationException: DeepSpeed, FSDPStrategy (FSDP1), tensor parallelism or another strategy,
+            named, with what to use instead.
     """
     name = type(strategy).__name__
     if "DeepSpeed" in name:
         raise MisconfigurationException(
-            f"KnowledgeEditCallback does not support {name}: DeepSpeed partitions the weights it edits; "
-            "use strategy='ddp' or strategy='fsdp'"
+            f"KnowledgeEditCallback does not support {name}: DeepSpeed partitions the weights it edits; {_USE}"
         )
-    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, FSDPStrategy)):
+    if isinstance(strategy, ModelParallelStrategy):
+        size = getattr(strategy, "_tensor_parallel_size", "auto")
+        if size != 1:
+            raise MisconfigurationException(
+                f"KnowledgeEditCallback does not support {name} with tensor_parallel_size={size!r}: tensor "
+                f"parallelism splits each projection across processes; {_USE}"
+            )
+        return
+    if "FSDP" in name:
         raise MisconfigurationException(
-            f"KnowledgeEditCallback does not support {name} (FSDP2, tensor or model parallelism): the edited "
-            "weights must be whole on every process; use a single device, strategy='ddp' or strategy='fsdp'"
+            f"KnowledgeEditCallback does not support {name} (FSDP1): its flat parameters can only be read by "
+            f"gathering whole units, and the edit's forward passes would have to run inside that gather; {_USE}"
         )
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise MisconfigurationException(f"KnowledgeEditCallback does not support {name}; {_USE}")
 
 
-def check_whole_weights(adapter: ModelAdapter) -> None:
-    """Refuse edit weights that are sharded tensors (FSDP2 or tensor parallelism set up by the module itself).
+def check_edit_weights(adapter: ModelAdapter, layers: list[int]) -> None:
+    """Refuse edit weights sharded otherwise than by ``fully_shard`` (tensor parallelism set up by the module).
 
     Raises:
-        MisconfigurationException: a projection weight is a ``DTensor``.
+        MisconfigurationException: an edit layer's weight is a ``DTensor`` of a model that ``fully_shard`` did
+            not shard, or of more than one mesh dimension with a shard other than rows.
     """
-    if any(type(adapter.weight(i)).__name__ == "DTensor" for i in range(adapter.num_layers)):
-        raise MisconfigurationException(
-            "KnowledgeEditCallback does not support FSDP2 / tensor-parallel (DTensor) weights; "
-            "use DDP or FSDP (v1, strategy='fsdp')"
-        )
+    for layer in layers:
+        weight = adapter.mlp_out(layer).weight
+        if not is_sharded(weight):
+            continue
+        from torch.distributed.tensor import Shard
+
+        placements = list(getattr(weight, "placements", ()))
+        column_shards = any(isinstance(p, Shard) and p.dim != 0 for p in placements)
+        if not is_sharded_model(adapter.model) or column_shards:
+            raise MisconfigurationException(
+                f"KnowledgeEditCallback: the weight of edit layer {layer} is a DTensor placed {placements}, not a "
+                f"fully_shard (FSDP2) row shard: tensor parallelism is not supported; {_USE}"
+            )
 
 
 def language_model(pl_module: LightningModule) -> nn.Module:
@@ -80,20 +108,6 @@ def language_model(pl_module: LightningModule) -> nn.Module:
         f"KnowledgeEditCallback needs a Hugging Face causal LM: {type(pl_module).__name__} has no `model` "
         "attribute holding one; use KnowledgeEditModule or keep the model in `self.model`"
     )
-
-
-@contextmanager
-def full_parameters(strategy: Strategy) -> Iterator[None]:
-    """Under FSDP (v1): every process holds all parameters, and writes changes back to its shard on exit."""
-    if isinstance(strategy, FSDPStrategy):
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        wrapped = cast(nn.Module, strategy.model)
-        with FullyShardedDataParallel.summon_full_params(wrapped, writeback=True, with_grads=False):
-            yield
-    else:
-        with nullcontext():
-            yield
 
 
 def same_on_every_rank(trainer: Trainer, delta: EditDelta) -> EditDelta:
