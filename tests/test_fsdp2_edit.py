@@ -54,6 +54,27 @@ def _whole(adapter: ModelAdapter) -> dict[int, torch.Tensor]:
     return {layer: (w.full_tensor() if isinstance(w, DTensor) else w).detach().clone() for layer, w in weights.items()}
 
 
+def _refusals(tokenizer, statistics) -> None:
+    """Sharded layouts the edit cannot serve are refused by name (on every process alike)."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lightning_kedit.lightning.strategies import check_edit_weights
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    root_only = tiny_model("llama")
+    fully_shard(root_only, mesh=mesh)  # the blocks are not units of their own
+    with pytest.raises(KeditError, match="not a sharded unit of its own"):
+        compute_edit(root_only, tokenizer, REQUESTS, statistics=statistics, hparams=_hparams(root_only))
+    column_split = tiny_model("llama")  # a tensor-parallel layout: columns split, no fully_shard
+    projection = column_split.model.layers[1].mlp.down_proj
+    projection.weight = torch.nn.Parameter(distribute_tensor(projection.weight.detach(), mesh, [Shard(1)]))
+    with pytest.raises(MisconfigurationException, match="tensor parallelism"):
+        check_edit_weights(ModelAdapter.for_model(column_split), LAYERS)
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     torch.set_num_threads(1)
@@ -79,6 +100,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         local_reverted = {layer: adapter.mlp_out(layer).weight.to_local().clone() for layer in LAYERS}
         with pytest.raises(KeditError, match="ft"):
             compute_edit(model, tokenizer, REQUESTS, method="ft", layers=[1])
+        _refusals(tokenizer, statistics)
         torch.save(
             {
                 "updates": {layer: delta.update(layer).dense() for layer in delta.layers},
