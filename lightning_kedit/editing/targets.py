@@ -171,6 +171,7 @@ def compute_target_values(
     """
     if not requests:
         raise KeditError("the request list is empty; give at least one edit request")
+    ModelAdapter.for_model(model).check_linear_residual()  # δ is a change of the residual stream (see there)
     hp = hparams or EditHyperParams()
     sharded = is_sharded_model(model)
     if hp.v_bfloat16 and sharded:

@@ -22,10 +22,13 @@ from functools import reduce
 import torch
 from torch import nn
 
+from lightning_kedit.errors import KeditError
+
 __all__ = [
     "ADAPTER_TABLE",
     "AdapterSpec",
     "ModelAdapter",
+    "NotLinearlyEditableError",
     "UnsupportedModelError",
     "default_edit_layers",
     "register_adapter",
@@ -42,6 +45,10 @@ class AdapterSpec:
         attn: path from a block to the attention module (its first output is the attention output).
         mlp: path from a block to the module whose output is the MLP's contribution to the residual.
         final_norm: path from the model to the final norm applied before the LM head.
+        post_mlp_norm: path from a block to a norm applied to the MLP's output before it joins the residual
+            stream (Gemma 2/3's ``post_feedforward_layernorm``), or None. With one, a change of the projection's
+            output is not the change of the hidden state that MEMIT, ROME and AlphaEdit solve for, and
+            :meth:`ModelAdapter.check_linear_residual` refuses them.
     """
 
     blocks: str
@@ -49,11 +56,20 @@ class AdapterSpec:
     attn: str
     mlp: str
     final_norm: str
+    post_mlp_norm: str | None = None
 
 
 _LLAMA_LIKE = AdapterSpec(
     blocks="model.layers", mlp_out="mlp.down_proj", attn="self_attn", mlp="mlp", final_norm="model.norm"
 )
+
+#: Gemma 2 and 3: ``h + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))``.
+_GEMMA2_LIKE = AdapterSpec(
+    blocks="model.layers", mlp_out="mlp.down_proj", attn="self_attn", mlp="mlp", final_norm="model.norm",
+    post_mlp_norm="post_feedforward_layernorm",
+)
+#: Block attributes that, when present, name a norm between the MLP and the residual stream.
+_POST_MLP_NORM_NAMES = ("post_feedforward_layernorm", "post_mlp_layernorm")
 
 ADAPTER_TABLE: dict[str, AdapterSpec] = {
     "llama": _LLAMA_LIKE,
@@ -61,8 +77,8 @@ ADAPTER_TABLE: dict[str, AdapterSpec] = {
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma2": _GEMMA2_LIKE,
+    "gemma3_text": _GEMMA2_LIKE,
     "phi3": _LLAMA_LIKE,
     "gpt2": AdapterSpec("transformer.h", "mlp.c_proj", "attn", "mlp", "transformer.ln_f"),
     "gptj": AdapterSpec("transformer.h", "mlp.fc_out", "attn", "mlp", "transformer.ln_f"),
@@ -76,6 +92,10 @@ ADAPTER_TABLE: dict[str, AdapterSpec] = {
 
 class UnsupportedModelError(ValueError):
     """Raised for a ``model_type`` that has no entry in :data:`ADAPTER_TABLE`."""
+
+
+class NotLinearlyEditableError(UnsupportedModelError, KeditError):
+    """A model whose MLP output does not join the residual stream linearly (MEMIT, ROME, AlphaEdit refuse it)."""
 
 
 def register_adapter(model_type: str, spec: AdapterSpec, *, overwrite: bool = False) -> None:
@@ -242,6 +262,42 @@ class ModelAdapter:
 
     def default_layers(self) -> list[int]:
         return default_edit_layers(self.num_layers)
+
+    def post_mlp_norm(self, layer: int) -> str | None:
+        """The path of a norm between the MLP of ``layer`` and the residual stream, or None.
+
+        Declared by the spec, or found on the block under a known name (so a registered adapter that maps a
+        Gemma-like model onto the Llama layout is caught too).
+        """
+        if self.spec.post_mlp_norm is not None:
+            return self.spec.post_mlp_norm
+        block = self.blocks[layer]
+        return next((name for name in _POST_MLP_NORM_NAMES if isinstance(getattr(block, name, None), nn.Module)),
+                    None)
+
+    def check_linear_residual(self) -> None:
+        """Refuse a model where a change of the projection's output is not the change of the hidden state.
+
+        MEMIT, ROME and AlphaEdit find the change ``δ`` of the hidden state after a block and write it as a
+        change of the MLP projection's output, which is the same thing only when that output is added to the
+        residual stream as it is. A norm in between (Gemma 2/3's ``post_feedforward_layernorm``, OPT with
+        ``do_layer_norm_before=False``) rescales it: the edit would miss its target.
+
+        Raises:
+            NotLinearlyEditableError: naming the model type, the norm and what to use instead.
+        """
+        norm = self.post_mlp_norm(0)
+        if norm is None and self.model_type == "opt":
+            config = getattr(self.model, "config", None)
+            if getattr(config, "do_layer_norm_before", True) is False:
+                norm = "final_layer_norm (do_layer_norm_before=False: the norm follows the residual sum)"
+        if norm is not None:
+            raise NotLinearlyEditableError(
+                f"MEMIT, ROME and AlphaEdit cannot edit model_type {self.model_type!r}: its MLP output passes through "
+                f"{norm} before it joins the residual stream, so a change of {self.spec.mlp_out!r}'s output is "
+                "not the change of the hidden state the method solves for (the edit would miss its target); "
+                "use method='ft' (kedit edit --method ft), which optimises the weights through the norm"
+            )
 
     def parameter_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
