@@ -4,7 +4,8 @@ Started by ``torch.distributed.run`` (Lightning then takes the processes it find
 and the model with ``fully_shard`` in ``configure_model``; the callback edits at fit end and reverts after it.
 Each process writes, per stage, the edit layers' whole weights, the gathered statistics and the edit's digests.
 
-Usage: python -m torch.distributed.run --nproc_per_node=2 tests/lightning_fsdp2_run.py OUT_DIR
+Usage: python -m torch.distributed.run --standalone --nproc_per_node=2 tests/lightning_fsdp2_run.py OUT_DIR [STAGE]
+(STAGE ``whole``, ``cut`` or ``resumed``: the resume comparison of :func:`resume_stage`).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ class Dump(Callback):
         weight = pl_module.model.model.layers[LAYERS[0]].mlp.down_proj.weight
         record = {"weights": edit_layer_weights(pl_module), "digests": [r.digest for r in self.edit.applied],
                   "history": self.edit.history, "sharded": type(weight).__name__}
-        if self.stage == "edited":
+        if self.stage.endswith("edited"):
             statistics = self.edit.gathered_statistics(trainer)
             record["statistics"] = {k: v.clone() for k, v in statistics.metric_state.items()}
         torch.save(record, self.folder / f"{self.stage}-rank{trainer.global_rank}.pt")
@@ -97,5 +98,32 @@ def main(folder: Path, sharded: bool) -> None:
     trainer.fit(module, data)
 
 
+class InterruptAtEpoch(Callback):
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1:
+            raise SystemExit(3)  # stands for a pre-emption after the first epoch's checkpoint
+
+
+def resume_stage(folder: Path, stage: str) -> None:
+    """Two epochs of one step each: ``whole`` uninterrupted, ``cut`` stopped after epoch 0's checkpoint,
+    ``resumed`` from that checkpoint; each edits at fit end."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    torch.set_num_threads(1)
+    module, data, callback = parts(folder, True, batch_size=BLOCKS // 2)
+    callbacks: list[Callback] = [callback, Dump(folder, f"{stage}-edited", callback)]
+    if stage == "cut":
+        callbacks += [ModelCheckpoint(dirpath=folder / "ckpt", save_on_train_epoch_end=True), InterruptAtEpoch()]
+    trainer = Trainer(accelerator="cpu", devices=2, max_epochs=2, logger=False, enable_progress_bar=False,
+                      strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+                      enable_checkpointing=stage == "cut", enable_model_summary=False, default_root_dir=folder,
+                      callbacks=callbacks)
+    checkpoint = next((folder / "ckpt").glob("*.ckpt"), None) if stage == "resumed" else None
+    trainer.fit(module, data, ckpt_path=checkpoint)
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sharded=True)
+    if len(sys.argv) > 2:
+        resume_stage(Path(sys.argv[1]), sys.argv[2])
+    else:
+        main(Path(sys.argv[1]), sharded=True)

@@ -31,12 +31,7 @@ def test_model_parallel_fsdp2_run_edits_like_one_process_and_reverts_exactly(tmp
     sharded, single = tmp_path / "sharded", tmp_path / "single"
     sharded.mkdir()
     single.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         str(HERE / "lightning_fsdp2_run.py"), str(sharded)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
+    run = _torchrun(str(sharded))
     assert run.returncode == 0, run.stderr[-3000:]
     threads = torch.get_num_threads()
     try:
@@ -65,6 +60,34 @@ def test_model_parallel_fsdp2_run_edits_like_one_process_and_reverts_exactly(tmp
         history, reference_history = rank["edited"]["history"][-1], expected["edited"]["history"][-1]
         assert history["efficacy"] == reference_history["efficacy"]
         assert history["neighborhood"] == reference_history["neighborhood"]
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         str(HERE / "lightning_fsdp2_run.py"), *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600,
+    )
+
+
+@pytest.mark.distributed
+def test_model_parallel_fsdp2_run_resumed_from_its_checkpoint_edits_as_an_uninterrupted_one(tmp_path):
+    for stage in ("whole", "cut", "resumed"):
+        run = _torchrun(str(tmp_path), stage)
+        # The cut run stops both processes with exit code 3 at the start of its second epoch.
+        assert run.returncode == (1 if stage == "cut" else 0), run.stderr[-3000:]
+    (checkpoint,) = (tmp_path / "ckpt").glob("*.ckpt")
+    assert checkpoint.is_dir()  # a distributed checkpoint; the statistics files lie beside it
+    assert len(list((tmp_path / "ckpt").glob("kedit-statistics-*.safetensors"))) == 2
+    for rank in (0, 1):
+        whole, resumed = _load(tmp_path, "whole-edited", rank), _load(tmp_path, "resumed-edited", rank)
+        assert resumed["digests"] == whole["digests"] and len(whole["digests"]) == 1
+        for name, value in whole["statistics"].items():
+            if name.startswith("count"):
+                assert int(value) == 2 * BLOCK * BLOCKS  # both epochs' keys
+            assert torch.equal(resumed["statistics"][name], value)
+        for layer in LAYERS:
+            assert torch.equal(resumed["weights"][layer], whole["weights"][layer])
 
 
 def test_strategies_are_accepted_or_refused_by_name():
