@@ -141,6 +141,14 @@ def _get(root: nn.Module, path: str) -> nn.Module:
         ) from err
 
 
+def _path(root: nn.Module, path: str) -> list[nn.Module]:
+    """The modules ``root``, ``root.a``, ``root.a.b`` ... along a dotted ``path`` (``root`` first)."""
+    modules = [root]
+    for name in path.split("."):
+        modules.append(getattr(modules[-1], name))
+    return modules
+
+
 class ModelAdapter:
     """Resolves the parts of a causal LM named by its :class:`AdapterSpec`.
 
@@ -246,7 +254,9 @@ class ModelAdapter:
         """
         from lightning_kedit.models.sharding import stored_weight
 
-        return stored_weight(self.model, self.blocks[layer], self.mlp_out(layer))
+        block = self.blocks[layer]
+        path = [*_path(self.model, self.spec.blocks), block, *_path(block, self.spec.mlp_out)]
+        return stored_weight(self.model, block, path[-1], path)
 
     def weight_name(self, layer: int) -> str:
         """The fully qualified parameter name of the projection weight of ``layer``."""

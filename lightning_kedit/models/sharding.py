@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -93,8 +94,14 @@ def write_weight(param: Tensor, value: Tensor) -> None:
             param.copy_(value)
 
 
-def sharded_owner(model: nn.Module, block: nn.Module) -> nn.Module | None:
+def sharded_owner(model: nn.Module, block: nn.Module, path: Sequence[nn.Module] = ()) -> nn.Module | None:
     """The ``fully_shard`` module that holds ``block``'s parameters: ``block`` itself or an ancestor below the root.
+
+    Args:
+        model: the model (the root).
+        block: the transformer block.
+        path: the modules from ``model`` down to the edited projection, when known (then only they are looked
+            at, instead of every module of the model).
 
     Returns None when ``model`` is not sharded.
 
@@ -102,12 +109,20 @@ def sharded_owner(model: nn.Module, block: nn.Module) -> nn.Module | None:
         KeditError: ``model`` is sharded but ``block`` is not a sharded unit of its own (only the root holds it).
     """
     fsdp = _fsdp_type()
-    if fsdp is None or not is_sharded_model(model):
+    if fsdp is None:
         return None
-    owner = None
-    for module in model.modules():
-        if isinstance(module, fsdp) and module is not model and any(m is block for m in module.modules()):
-            owner = module  # modules() is pre-order: the last match is the innermost
+    if path:
+        units = [m for m in path if isinstance(m, fsdp)]
+        if not units:
+            return None
+        owner = units[-1] if units[-1] is not model else None
+    else:
+        if not is_sharded_model(model):
+            return None
+        owner = None
+        for module in model.modules():
+            if isinstance(module, fsdp) and module is not model and any(m is block for m in module.modules()):
+                owner = module  # modules() is pre-order: the last match is the innermost
     if owner is None:
         raise KeditError(
             f"the model is sharded (fully_shard) but its block {type(block).__name__} is not a sharded unit of "
@@ -136,15 +151,18 @@ def gather_for_direct_call(model: nn.Module, module: nn.Module) -> None:
         owner.unshard()  # type: ignore[operator]
 
 
-def stored_weight(model: nn.Module, block: nn.Module, weight: nn.Module) -> nn.Parameter:
+def stored_weight(
+    model: nn.Module, block: nn.Module, weight: nn.Module, path: Sequence[nn.Module] = ()
+) -> nn.Parameter:
     """``weight.weight`` as stored: for a sharded ``block``, its shards (a gathered copy left by a forward is freed).
 
     Args:
         model: the model.
         block: the transformer block that holds ``weight``.
         weight: the module whose ``weight`` parameter is wanted (the MLP output projection).
+        path: the modules from ``model`` down to ``weight`` (see :func:`sharded_owner`).
     """
-    owner = sharded_owner(model, block)
+    owner = sharded_owner(model, block, path)
     if owner is not None:
         owner.reshard()  # type: ignore[operator]
     return weight.weight  # type: ignore[return-value]
