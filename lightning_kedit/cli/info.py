@@ -31,7 +31,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "adds_bos": tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id],
         "padding_side": tokenizer.padding_side,
     }
+    from lightning_kedit.editing.hparams import EditHyperParams
+    from lightning_kedit.models.fingerprint import model_digest
+
+    info["digest"] = model_digest(model)
+    defaults = EditHyperParams.for_model(model, "memit")
+    sources = EditHyperParams.default_sources(model, "memit")
+    info["memit_defaults"] = {name: {"value": getattr(defaults, name), "source": source}
+                              for name, source in sources.items()}
+    try:
+        adapter.check_linear_residual()
+        info["editable_by"] = "memit, rome, alphaedit, ft"
+    except ValueError as err:
+        info["editable_by"] = f"ft only ({str(err).split(':')[1].strip()})"
     width = max(len(key) for key in info)
     for key, value in info.items():
-        print(f"{key:<{width}}  {value}")
+        if key == "memit_defaults":
+            for name, item in value.items():
+                print(f"{'memit ' + name:<{width}}  {item['value']}  ({item['source']})")
+        else:
+            print(f"{key:<{width}}  {value}")
     return info

@@ -42,6 +42,7 @@ __all__ = [
     "DEFAULT_NULLSPACE_RULE",
     "DEFAULT_NULLSPACE_THRESHOLD",
     "METHODS",
+    "TESTED_SETTINGS",
     "EditHyperParams",
     "HyperParamError",
     "resolve_hparams",
@@ -155,6 +156,30 @@ class EditHyperParams:
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
 
+    @classmethod
+    def default_sources(cls, model: nn.Module, method: str = "memit") -> dict[str, str]:
+        """Where each default of :meth:`for_model` that depends on the model comes from.
+
+        ``"tested"``: measured on this exact checkpoint (:data:`TESTED_SETTINGS`, by weights digest);
+        ``"derived"``: computed from the model's shape; ``"reference"``: the method's published value.
+
+        Example:
+            >>> from transformers import GPT2Config, GPT2LMHeadModel
+            >>> model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=64))
+            >>> EditHyperParams.default_sources(model)["layers"]
+            'derived: a window at 13% of the depth'
+        """
+        tested = tested_setting(model, method) if method in ("memit", "alphaedit") else None
+        where = {"rome": "one layer at 17%", "ft": "one layer at 13%"}.get(method, "a window at 13%")
+        sources = {
+            "layers": f"derived: {where} of the depth",
+            "mom2_weight": "reference: MEMIT's GPT-J value (C = E[k kᵀ])",
+            "clamp_norm": "reference: MEMIT's value for this family (relative to the hidden state's norm)",
+        }
+        for name in tested or {}:
+            sources[name] = "tested: measured on this checkpoint (docs/benchmarks/editing.md)"
+        return sources
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly form (stored in a delta's metadata)."""
         out = {name: getattr(self, name) for name in self.field_names()}
@@ -196,9 +221,9 @@ class EditHyperParams:
             chosen = tuple(default_edit_layers(n))
             # The reference averages keys per kind of context, so the bare prompt weighs half (keys.py).
             base = cls(layers=chosen, clamp_norm=clamp, bare_weight=DEFAULT_BARE_WEIGHT)
-            if adapter.model_type == "llama" and n == 30:
-                # SmolLM2-135M: the best setting of the λ sweep (docs/benchmarks/editing.md).
-                base = base.replace(**_SMOLLM2_MEMIT)
+            tested = tested_setting(model, "memit")
+            if tested is not None:  # this exact checkpoint (by weights digest) has a measured setting
+                base = base.replace(**tested)
             if method == "alphaedit":
                 # AlphaEdit keeps MEMIT's pipeline; λ is not used by its solve.
                 base = base.replace(extra={"nullspace_threshold": DEFAULT_NULLSPACE_THRESHOLD,
@@ -249,8 +274,24 @@ def _checked_layers(adapter: ModelAdapter, layers: Sequence[int]) -> tuple[int, 
         raise HyperParamError(str(err)) from err
 
 
+def tested_setting(model: nn.Module, method: str) -> dict[str, Any] | None:
+    """The setting measured on this exact checkpoint for ``method`` (:data:`TESTED_SETTINGS`), or None."""
+    if method == "alphaedit":
+        method = "memit"
+    from lightning_kedit.models.fingerprint import model_digest
+
+    return TESTED_SETTINGS.get(model_digest(model), {}).get(method)
+
+
 #: Defaults chosen by the sweep on SmolLM2-135M + CounterFact (benchmarks/edit_quality.py, first 100 validation
 #: cases, docs/benchmarks/editing.md): layers 3-8 (GPT-J's MEMIT window: one more layer shares the residual),
 #: λ = 4,000 and the bare prompt at half the key weight give 0.97 / 0.88 / 0.72 at +1.4% perplexity, where the
 #: reference default (λ = 15,000, layers 4-8) gives 0.66 / 0.60 / 0.74.
 _SMOLLM2_MEMIT: dict[str, Any] = {"mom2_weight": 4000.0, "layers": (3, 4, 5, 6, 7, 8)}
+
+#: Settings measured on exact checkpoints, by :func:`~lightning_kedit.models.fingerprint.model_digest`, then method.
+#: A model is matched by its weights, never by its family or layer count: any other model gets the derived and
+#: reference defaults.
+TESTED_SETTINGS: dict[str, dict[str, dict[str, Any]]] = {
+    "08759a4a71b3fc61": {"memit": _SMOLLM2_MEMIT},  # SmolLM2-135M-Instruct, the embedded model
+}

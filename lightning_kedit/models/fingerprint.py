@@ -26,7 +26,9 @@ from torch import nn
 
 from lightning_kedit.models.adapters import ModelAdapter
 
-__all__ = ["fingerprint_digest", "fingerprint_mismatches", "model_fingerprint", "vocab_hash", "weights_hash"]
+__all__ = [
+    "fingerprint_digest", "fingerprint_mismatches", "model_digest", "model_fingerprint", "vocab_hash", "weights_hash",
+]
 
 _HASH_CHARS = 16
 
@@ -115,6 +117,21 @@ def model_fingerprint(model: nn.Module, tokenizer: Any | None, layers: Sequence[
     if tokenizer is not None:
         fingerprint["tokenizer"] = vocab_hash(tokenizer)
     return fingerprint
+
+
+def model_digest(model: nn.Module) -> str:
+    """A short digest of an exact checkpoint: its model type, sizes and first and last MLP projection weights.
+
+    Keys settings tested on one exact model (not on a family or a layer count); any fine-tuning changes it.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> len(model_digest(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64))))
+        16
+    """
+    adapter = ModelAdapter.for_model(model)
+    fingerprint = model_fingerprint(model, None, sorted({0, adapter.num_layers - 1}))
+    return fingerprint_digest(fingerprint)
 
 
 def fingerprint_digest(fingerprint: Mapping[str, str], *extra: str) -> str:
