@@ -1,4 +1,9 @@
-"""The damage guard on SmolLM2: a destructive edit (λ 1, clamp 100, v_lr 5) is caught in the CLI and the callback."""
+"""The damage guard on SmolLM2: a destructive edit is caught in the CLI and the callback.
+
+Destructive: λ 1, clamp 100, v_lr 5, and nothing holding the target values back (no early stop, no KL, no weight
+decay), so that δ grows far beyond the hidden state's scale. (λ 1, clamp 100, v_lr 5 alone, with the early stop,
+leave SmolLM2's probe perplexity within +1% on 4 cases: the targets are reached before δ grows.)
+"""
 
 from __future__ import annotations
 
@@ -17,7 +22,10 @@ from lightning_kedit.lightning import KnowledgeEditCallback, KnowledgeEditModule
 
 pytestmark = pytest.mark.integration
 
-DESTRUCTIVE = {"mom2_weight": 1.0, "clamp_norm": 100.0, "v_lr": 5.0}
+DESTRUCTIVE = {"mom2_weight": 1.0, "clamp_norm": 100.0, "v_lr": 5.0, "stop_prob": 1.0, "kl_factor": 0.0,
+               "weight_decay": 0.0}
+DESTRUCTIVE_OPTIONS = ["--lambda", "1", "--clamp", "100", "--v-lr", "5", "--stop-prob", "1", "--kl", "0",
+                       "--weight-decay", "0"]
 
 
 def _requests():
@@ -28,7 +36,7 @@ def test_cli_catches_the_destructive_edit_and_passes_the_default_one(tmp_path, c
     requests = shared_data("counterfact", "counterfact-val.json")
     out = tmp_path / "bad.safetensors"
     common = ["edit", "--requests", str(requests), "--n", "4", "--no-eval"]
-    assert main([*common, "--lambda", "1", "--clamp", "100", "--v-lr", "5", "--out", str(out)]) == 2
+    assert main([*common, *DESTRUCTIVE_OPTIONS, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "edit rejected by the damage guard: probe perplexity" in err and "raise --lambda" in err
     assert not out.exists()

@@ -135,9 +135,9 @@ class DamageGuard:
 
     max_perplexity_rise: float = 0.10
     max_neighborhood_drop: float = 0.10
-    probe_tokens: int = 384
+    probe_tokens: int = 256
     window: int = 128
-    max_neighborhood_prompts: int = 64
+    max_neighborhood_prompts: int = 32
     text: str | os.PathLike[str] | None = None
 
     def __post_init__(self) -> None:

