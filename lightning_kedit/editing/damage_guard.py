@@ -101,7 +101,7 @@ def _advice(hparams: Mapping[str, Any], method: str) -> str:
     layers = hparams.get("layers")
     where = f"choose other --layers (now {list(layers)})" if layers is not None else "choose other --layers"
     if method == "ft":
-        return (f"lower --ft-lr / ft_lr (now {hparams.get('ft_lr')}) or ft_norm_bound "
+        return (f"lower the hyper-parameters ft_lr (now {hparams.get('ft_lr')}) or ft_norm_bound "
                 f"(now {hparams.get('ft_norm_bound')}), or {where}")
     return (
         f"raise --lambda / mom2_weight (now {hparams.get('mom2_weight')}), lower --clamp / clamp_norm "
