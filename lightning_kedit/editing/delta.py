@@ -429,6 +429,27 @@ class EditDelta:
 
         return save_delta(self, path, with_base=with_base)
 
+    def to_peft(self, folder: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Write the delta as a PEFT LoRA adapter folder (see :func:`~.peft_adapter.delta_to_peft`).
+
+        ``PeftModel.from_pretrained(base, folder)`` then gives ``base + delta``; keywords: ``rank``, ``dtype``,
+        ``base_model_name_or_path``, ``overwrite``.
+        """
+        from lightning_kedit.editing.peft_adapter import delta_to_peft
+
+        return delta_to_peft(self, folder, **kwargs)
+
+    @classmethod
+    def from_peft(cls, folder: str | os.PathLike[str], model: nn.Module) -> EditDelta:
+        """Read a LoRA adapter on ``model``'s edit projections as a delta (see :func:`~.peft_adapter.delta_from_peft`).
+
+        Raises:
+            DeltaMismatchError: the adapter was exported for other base weights.
+        """
+        from lightning_kedit.editing.peft_adapter import delta_from_peft
+
+        return delta_from_peft(folder, model, cls)
+
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> EditDelta:
         """Read a delta written by :meth:`save` (see :func:`~.delta_file.load_delta`).
