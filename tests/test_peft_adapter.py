@@ -166,3 +166,33 @@ def test_a_foreign_lora_on_attention_is_refused_and_one_on_the_projection_is_rea
     assert delta.method == "peft-lora" and delta.layers == [0, 1, 2, 3]
     with delta.applied(model):
         torch.testing.assert_close(_logits(model), expected, atol=1e-5, rtol=0)
+
+
+def test_kedit_export_format_peft_checks_the_base_and_writes_a_loadable_adapter(tmp_path, monkeypatch):
+    from tiny_models import tiny_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from lightning_kedit.cli import main
+
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path / "cache"))
+    model = tiny_model("llama")
+    model.save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    delta = _delta(model)
+    delta.save(tmp_path / "edit.safetensors")
+    out = tmp_path / "adapter"
+    args = ["export", "--model", str(tmp_path / "model"), "--delta", str(tmp_path / "edit.safetensors")]
+    assert main([*args, "--out", str(out), "--format", "peft"]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "model").resolve())
+    with delta.applied(model):
+        expected = _logits(model)
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), str(out)).eval()
+    torch.testing.assert_close(_logits(loaded), expected, atol=1e-5, rtol=0)
+
+    other = tiny_model("llama", seed=3)
+    other.save_pretrained(tmp_path / "other")
+    tiny_tokenizer().save_pretrained(tmp_path / "other")
+    other_args = ["export", "--model", str(tmp_path / "other"), "--delta", str(tmp_path / "edit.safetensors")]
+    assert main([*other_args, "--out", str(tmp_path / "refused"), "--format", "peft"]) == 2
+    assert not (tmp_path / "refused").exists()

@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("lightning_kedit.cli.evaluate", "edit metrics on a request file, optionally with a delta"),
     "stats": ("lightning_kedit.cli.stats", "key statistics (second moment of MLP keys) in one pass"),
     "edit": ("lightning_kedit.cli.edit", "compute an edit and save it as a small reversible delta"),
-    "export": ("lightning_kedit.cli.export", "write the edited model as a Hugging Face folder"),
+    "export": ("lightning_kedit.cli.export", "write the edited model (HF folder) or the delta as a PEFT adapter"),
     "bench": ("lightning_kedit.cli.bench", "success by number of edits, table and plot"),
     "trace": ("lightning_kedit.cli.trace", "causal tracing heatmaps and averaged curves"),
     "serve": ("lightning_kedit.cli.serve", "serve the model over HTTP and edit it live (edits, reverts, history)"),
