@@ -1,15 +1,18 @@
 """``kedit export``: write the edited model (base model + delta) as a plain Hugging Face folder, or the delta as
-a PEFT LoRA adapter.
+a PEFT LoRA adapter,
+or as one GGUF file.
 
 ``--format hf`` (default): the folder holds the config, the weights (safetensors) and the tokenizer, and loads
 with ``AutoModelForCausalLM.from_pretrained(DIR)`` or ``kedit ... --model DIR``. ``--format peft``: a LoRA
 adapter folder (``adapter_config.json``, ``adapter_model.safetensors``) such that
 ``PeftModel.from_pretrained(base, DIR)`` is the edited model (:mod:`lightning_kedit.editing.peft_adapter`);
-the delta's base hashes are checked against ``--model`` first.
+the delta's base hashes are checked against ``--model`` first. ``--format gguf`` (``--model`` a ``.gguf``
+file): the source GGUF with the edited tensors replaced (:mod:`lightning_kedit.models.gguf_export`).
 
 Example:
     $ kedit export --model smollm2 --delta edit.safetensors --out edited-smollm2/
     $ kedit export --model smollm2 --delta edit.safetensors --out edit-adapter/ --format peft
+    $ kedit export --model smollm2 --delta edit.safetensors --out edited.gguf --format gguf
 """
 
 from __future__ import annotations
@@ -28,8 +31,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``kedit export``."""
     parser.add_argument("--delta", required=True, metavar="FILE", help="the edit delta (kedit edit --out)")
     parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write (must not hold files)")
-    parser.add_argument("--format", choices=("hf", "peft"), default="hf",
-                        help="hf: the edited model as a Hugging Face folder; peft: the delta as a LoRA adapter")
+    parser.add_argument("--format", choices=("hf", "peft", "gguf"), default="hf",
+                        help="hf: the edited model as a Hugging Face folder; peft: the delta as a LoRA adapter; "
+                             "gguf: the edited model as one .gguf file (--model must be a GGUF)")
+    parser.add_argument("--gguf-dtype", choices=("f32", "f16"), default="f32",
+                        help="type of the edited tensors in --format gguf (f32: exact)")
     parser.add_argument("--force", action="store_true",
                         help="apply the delta even to other base weights, and overwrite a non-empty --out")
 
@@ -40,6 +46,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_kedit.models.loading import load_model
 
     out = Path(args.out)
+    if getattr(args, "format", "hf") == "gguf":
+        return _export_gguf(args, out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise KeditError(f"--out {args.out!r} exists and is not an empty folder; choose another or pass --force")
     if not Path(args.delta).is_file():
@@ -76,3 +84,30 @@ def _export_peft(args: argparse.Namespace, delta: Any, model: Any, out: Path) ->
     print(f"wrote the {delta.method} edit of layers {delta.layers} as a LoRA adapter (ranks {ranks}) to {out}")
     return {"out": str(out), "format": "peft", "method": delta.method, "layers": delta.layers,
             "requests": len(delta.request_ids)}
+
+
+def _export_gguf(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Write the source GGUF of --model with the delta's tensors replaced; nothing is written on error."""
+    import time
+
+    from lightning_kedit.editing.delta import EditDelta
+    from lightning_kedit.models.gguf_export import export_gguf
+    from lightning_kedit.models.loading import resolve_model_spec
+
+    if out.exists() and not args.force:
+        raise KeditError(f"--out {args.out!r} exists; choose another or pass --force")
+    if out.suffix.lower() != ".gguf":
+        raise KeditError(f"--out {args.out!r} must be a .gguf file name with --format gguf")
+    kind, source = resolve_model_spec(args.model)
+    if kind != "gguf":
+        raise KeditError(f"--model {args.model!r} was not loaded from a GGUF file, so there is no GGUF to write the "
+                         "edit into; use --format hf (or convert the exported folder with llama.cpp)")
+    if not Path(args.delta).is_file():
+        raise KeditError(f"--delta {args.delta!r} is not a file; make one with `kedit edit --out FILE`")
+    delta = EditDelta.load(args.delta)
+    start = time.perf_counter()
+    result = export_gguf(source, delta, out, dtype=args.gguf_dtype, force=args.force)
+    seconds = time.perf_counter() - start
+    print(f"wrote the {delta.method} edit of layers {delta.layers} into {out} ({result['bytes'] / 1e6:.1f} MB, "
+          f"{len(result['replaced'])} tensor(s) in {args.gguf_dtype.upper()}, {seconds:.1f} s)")
+    return {**result, "format": "gguf", "method": delta.method, "layers": delta.layers, "seconds": seconds}
