@@ -88,6 +88,7 @@ def compute_edit(
     target_cache: TargetCache | None = None,
     history: EditHistory | None = None,
     keys: dict[int, Tensor] | None = None,
+    extras: dict[str, Tensor] | None = None,
 ) -> EditDelta:
     """Compute the weight change that writes ``requests`` into ``model``, without changing the model.
 
@@ -95,8 +96,9 @@ def compute_edit(
         model: a causal LM of a supported architecture.
         tokenizer: its tokenizer.
         requests: the facts to write (all in one edit).
-        method: ``"memit"``, ``"rome"``, ``"ft"`` or ``"alphaedit"`` (for sequences of AlphaEdit batches see
-            :func:`~lightning_kedit.editing.sequential.edit_sequentially`, or pass ``history`` and ``keys``).
+        method: ``"memit"``, ``"rome"``, ``"ft"``, ``"alphaedit"`` or ``"lifelong"`` (for sequences of batches
+            see :func:`~lightning_kedit.editing.sequential.edit_sequentially`, or pass ``history`` and
+            ``keys``/``extras``).
         layers: edit layers; the method's per-architecture default when None; ``"auto"`` measures them by
             causal tracing (:func:`auto_edit_layers`).
         statistics: key statistics (``KeyStatistics``), a statistics file, or None for the cached statistics
@@ -108,6 +110,8 @@ def compute_edit(
             values in (MEMIT, ROME and AlphaEdit), or None to always optimise them.
         history: AlphaEdit only: the earlier batches whose edits the new one must keep.
         keys: AlphaEdit only: filled with the keys written per layer (for ``history.push(delta, keys)``).
+        extras: ``"lifelong"`` only: filled with the batch's running-statistics sums (for
+            ``history.push(delta, extras=extras)``); ``history`` gives the earlier batches' sums.
 
     Returns:
         The :class:`EditDelta`; apply it with ``delta.apply(model)``.
@@ -131,8 +135,16 @@ def compute_edit(
         return compute_alphaedit(model, tokenizer, requests, layers=layers, statistics=statistics, hparams=hparams,
                                  progress=progress, timings=timings, target_cache=target_cache, history=history,
                                  keys=keys)
-    if history is not None or keys is not None:
-        raise KeditError(f"`history` and `keys` are AlphaEdit's; method={method!r} does not use them")
+    if method == "lifelong":  # one gradient per fact, running statistics, a ridge solve (editing/lifelong.py)
+        from .lifelong import compute_lifelong
+
+        if keys is not None:
+            raise KeditError("`keys` is AlphaEdit's; method='lifelong' records `extras` instead")
+        with eval_mode(model):
+            return compute_lifelong(model, tokenizer, requests, hparams=resolve_hparams(model, method, layers, hparams),
+                                    history=history, extras=extras, timings=timings)
+    if history is not None or keys is not None or extras is not None:
+        raise KeditError(f"`history`, `keys` and `extras` are sequential methods'; method={method!r} does not use them")
     hp = resolve_hparams(model, method, layers, hparams)
     timer = PhaseTimer()
     ids = [r.case_id for r in requests]

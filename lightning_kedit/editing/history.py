@@ -50,10 +50,12 @@ class HistoryError(KeditError):
 
 @dataclass(frozen=True)
 class HistoryEntry:
-    """One batch of a sequence: its delta and the keys it wrote, ``(n, key_size)`` float64 per layer."""
+    """One batch of a sequence: its delta, the keys it wrote (``(n, key_size)`` float64 per layer), and named
+    method state (``extras``: e.g. the lifelong method's running-statistics sums of the batch)."""
 
     delta: EditDelta
     keys: dict[int, Tensor] = field(default_factory=dict)
+    extras: dict[str, Tensor] = field(default_factory=dict)
 
 
 class EditHistory:
@@ -117,7 +119,7 @@ class EditHistory:
 
     # ------------------------------------------------------------------ recording
     def push(self, delta: EditDelta, keys: Mapping[int, Tensor] | None = None, *, model: nn.Module | None = None,
-             initial: Mapping[int, Tensor] | None = None) -> None:
+             initial: Mapping[int, Tensor] | None = None, extras: Mapping[str, Tensor] | None = None) -> None:
         """Record ``delta``, which must just have been applied on top of the previous batches.
 
         Args:
@@ -126,6 +128,7 @@ class EditHistory:
             model: the model the delta was applied to; gives the weights before the delta for layers no
                 earlier batch edited, when ``initial`` does not.
             initial: the stored-layout weights of newly edited layers before this delta.
+            extras: named float64 tensors of method state the batch contributes (saved and reverted with it).
 
         Raises:
             HistoryError: the delta was not computed on the weights the previous batches produced, or the
@@ -154,7 +157,8 @@ class EditHistory:
         for layer in delta.layers:
             self._current[layer] = delta.update(layer).applied_to(self._current[layer])
         stored = {int(layer): k.detach().to("cpu", torch.float64).contiguous() for layer, k in (keys or {}).items()}
-        self._entries.append(HistoryEntry(delta, stored))
+        more = {str(name): t.detach().to("cpu", torch.float64).contiguous() for name, t in (extras or {}).items()}
+        self._entries.append(HistoryEntry(delta, stored, more))
 
     @staticmethod
     def _initial_weight(delta: EditDelta, layer: int, model: nn.Module | None,
@@ -273,6 +277,8 @@ class EditHistory:
                 entry.delta.save(folder / f"{name}.delta.safetensors")
             atomic_save_safetensors({f"layers.{la}": k for la, k in entry.keys.items()},
                                     folder / f"{name}.keys.safetensors")
+            if entry.extras:
+                atomic_save_safetensors(dict(entry.extras), folder / f"{name}.extras.safetensors")
             names.append(name)
         atomic_save_safetensors({f"layers.{la}": w.contiguous() for la, w in self._initial.items()},
                                 folder / "initial.safetensors")
@@ -305,7 +311,9 @@ class EditHistory:
                 delta = EditDelta.load(folder / f"{name}.delta.safetensors")
                 keys = {int(k.split(".")[1]): t for k, t in
                         load_file(str(folder / f"{name}.keys.safetensors")).items()}
-                history.push(delta, keys, initial=initial)
+                extras_path = folder / f"{name}.extras.safetensors"
+                extras = load_file(str(extras_path)) if extras_path.is_file() else None
+                history.push(delta, keys, initial=initial, extras=extras)
         except DeltaFileError as err:
             raise HistoryError(f"{folder}: {err}") from err
         except (OSError, KeyError, ValueError, TypeError) as err:

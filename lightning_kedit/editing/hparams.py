@@ -49,7 +49,10 @@ __all__ = [
 ]
 
 #: The edit methods this package computes.
-METHODS = ("memit", "rome", "ft", "alphaedit")
+METHODS = ("memit", "rome", "ft", "alphaedit", "lifelong")
+#: The lifelong method's normalised value step ``η`` and ridge ``λ`` (editing/lifelong.py, eq. 1).
+DEFAULT_LIFELONG_STEP = 1.0
+DEFAULT_LIFELONG_RIDGE = 1.0
 #: AlphaEdit's null-space threshold: the share of the preserved keys' energy the null space may hold. Half:
 #: smaller null spaces force larger updates through directions the edit keys barely use, which hurts more
 #: than the energy they exclude (SmolLM2 sweep, docs/benchmarks/sequential.md).
@@ -229,6 +232,10 @@ class EditHyperParams:
                 base = base.replace(extra={"nullspace_threshold": DEFAULT_NULLSPACE_THRESHOLD,
                                            "nullspace_rule": DEFAULT_NULLSPACE_RULE, "alpha": DEFAULT_ALPHA,
                                            "preserve_weight": base.mom2_weight})
+        elif method == "lifelong":
+            # One gradient per fact and a ridge solve per layer (editing/lifelong.py): MEMIT's layer window.
+            base = cls(layers=tuple(default_edit_layers(n)),
+                       extra={"step": DEFAULT_LIFELONG_STEP, "ridge": DEFAULT_LIFELONG_RIDGE})
         elif method == "rome":
             chosen = (min(n - 1, max(0, round(n * 0.17))),)
             base = cls(layers=chosen, clamp_norm=clamp, prefix_lengths=((5, 10), (10, 10)))

@@ -129,7 +129,7 @@ def edit_sequentially(
         model: the model to edit in place.
         tokenizer: its tokenizer.
         requests: the facts, in the order they are written.
-        method: ``"alphaedit"``, ``"memit"``, ``"rome"`` or ``"ft"``.
+        method: ``"alphaedit"``, ``"lifelong"``, ``"memit"``, ``"rome"`` or ``"ft"``.
         batch_size: requests per batch (ROME writes a batch as consecutive rank-one updates).
         layers: edit layers (the method's defaults when None).
         statistics: key statistics of the model *before* the sequence, a file, or None for the cached ones.
@@ -167,23 +167,27 @@ def edit_sequentially(
     threshold = float(threshold if threshold is not None else hp.extra.get("nullspace_threshold", DEFAULT_THRESHOLD))
     alpha = float(alpha if alpha is not None else hp.extra.get("alpha", DEFAULT_ALPHA))
     stats, bases = None, None
-    if method != "ft":
+    if method not in ("ft", "lifelong"):  # the lifelong method carries its own running statistics
         stats = resolve_statistics(model, tokenizer, hp.layers, statistics, progress=progress)
     if method == "alphaedit":
         rule = str(hp.extra.get("nullspace_rule", DEFAULT_NULLSPACE_RULE))
         bases = null_space_bases(stats, hp.layers, threshold, rule)
     for number, batch in enumerate(batches, start=1):
         start = time.perf_counter()
+        extras: dict[str, Any] = {}
         if method == "alphaedit":
             keys: dict[int, Any] = {}
             delta = compute_alphaedit(model, tokenizer, batch, statistics=stats, hparams=hp, history=history,
                                       bases=bases, keys=keys, threshold=threshold, alpha=alpha)
+        elif method == "lifelong":
+            keys = {}
+            delta = compute_edit(model, tokenizer, batch, method=method, hparams=hp, history=history, extras=extras)
         else:
             keys = {}
             delta = compute_edit(model, tokenizer, batch, method=method, statistics=stats, hparams=hp)
         delta.apply(model)
         try:
-            history.push(delta, keys)
+            history.push(delta, keys, extras=extras)
         except BaseException:
             delta.revert(model)
             raise
