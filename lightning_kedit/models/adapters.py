@@ -159,7 +159,8 @@ class ModelAdapter:
 
     def __init__(self, model: nn.Module, spec: AdapterSpec | None = None) -> None:
         self.model = model
-        self.model_type = str(getattr(getattr(model, "config", None), "model_type", type(model).__name__))
+        self.root = _unwrap_peft(model)  # a PEFT-wrapped model's transformer; the paths are relative to it
+        self.model_type = str(getattr(getattr(self.root, "config", None), "model_type", type(self.root).__name__))
         if spec is None:
             if self.model_type not in ADAPTER_TABLE:
                 raise UnsupportedModelError(
@@ -171,11 +172,11 @@ class ModelAdapter:
                 )
             spec = ADAPTER_TABLE[self.model_type]
         self.spec = spec
-        blocks = _get(model, spec.blocks)
+        blocks = _get(self.root, spec.blocks)
         if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
             raise UnsupportedModelError(f"{spec.blocks!r} of {type(model).__name__} is not a list of blocks")
         self.blocks: nn.ModuleList = blocks
-        first = self.mlp_out(0)
+        first = _base_layer(self.mlp_out(0))
         if not isinstance(first, nn.Linear) and not _is_conv1d(first):
             raise UnsupportedModelError(
                 f"the MLP output projection {spec.mlp_out!r} is a {type(first).__name__}; "
@@ -199,7 +200,7 @@ class ModelAdapter:
     @property
     def is_conv1d(self) -> bool:
         """True when the projection stores its weight as ``in x out`` (GPT-2's Conv1D)."""
-        return _is_conv1d(self.mlp_out(0))
+        return _is_conv1d(_base_layer(self.mlp_out(0)))
 
     @property
     def key_size(self) -> int:
@@ -238,7 +239,7 @@ class ModelAdapter:
         return _get(self.blocks[layer], self.spec.mlp)
 
     def final_norm(self) -> nn.Module:
-        return _get(self.model, self.spec.final_norm)
+        return _get(self.root, self.spec.final_norm)
 
     def embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()  # type: ignore[operator]
@@ -255,8 +256,8 @@ class ModelAdapter:
         from lightning_kedit.models.sharding import stored_weight
 
         block = self.blocks[layer]
-        path = [*_path(self.model, self.spec.blocks), block, *_path(block, self.spec.mlp_out)]
-        return stored_weight(self.model, block, path[-1], path)
+        path = [*_path(self.root, self.spec.blocks), block, *_path(block, self.spec.mlp_out)]
+        return stored_weight(self.root, block, _base_layer(path[-1]), path)
 
     def weight_name(self, layer: int) -> str:
         """The fully qualified parameter name of the projection weight of ``layer``."""
@@ -314,6 +315,23 @@ class ModelAdapter:
 
     def dtype(self) -> torch.dtype:
         return self.weight(0).dtype
+
+
+def _unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformer inside a ``peft.PeftModel`` (``model.base_model.model``), else ``model`` itself."""
+    get_base_model = getattr(model, "get_base_model", None)
+    if type(model).__module__.startswith("peft.") and callable(get_base_model):
+        return get_base_model()  # type: ignore[no-any-return]
+    return model
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    """The wrapped layer of a PEFT LoRA layer (its ``base_layer``, whose weight is the base weight), else ``module``.
+
+    Hooks stay on the LoRA layer itself, so they see the effective layer (base + adapter).
+    """
+    base = getattr(module, "base_layer", None)
+    return base if isinstance(base, nn.Module) else module
 
 
 def _is_conv1d(module: nn.Module) -> bool:

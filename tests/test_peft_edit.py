@@ -1,0 +1,42 @@
+"""Editing a PEFT-wrapped model: the edit sees the effective layers (base + LoRA) and is written into base weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from test_memit import REQUESTS, statistics_for
+from tiny_models import tiny_model, tiny_tokenizer
+
+from lightning_kedit.editing import EditHyperParams, compute_edit
+from lightning_kedit.models.adapters import ModelAdapter
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "down_proj", "up_proj"]])
+def test_memit_on_a_lora_model_equals_memit_on_its_merged_weights(targets):
+    base, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    stats = statistics_for(base, [1, 2])
+    wrapped = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    wrapped.eval()
+    merged = copy.deepcopy(wrapped).merge_and_unload().eval()  # an independent plain model with the same function
+    adapter = ModelAdapter.for_model(wrapped)
+    assert adapter.weight_name(1) == "model.layers.1.mlp.down_proj.weight"
+    assert adapter.weight(1) is ModelAdapter.for_model(base).weight(1)  # the base weight, not the LoRA factors
+    hp = EditHyperParams.for_model(merged, "memit").replace(layers=(1, 2), v_steps=5)
+    on_wrapped = compute_edit(wrapped, tokenizer, REQUESTS, hparams=hp, statistics=stats)
+    on_merged = compute_edit(merged, tokenizer, REQUESTS, hparams=hp, statistics=stats)
+    for layer in (1, 2):
+        torch.testing.assert_close(on_wrapped.update(layer).dense(), on_merged.update(layer).dense(),
+                                   atol=1e-5, rtol=1e-4)
+
+    lora = {n: p.detach().clone() for n, p in wrapped.named_parameters() if "lora_" in n}
+    ids = torch.arange(1, 9).reshape(1, 8)
+    with on_merged.applied(merged), torch.no_grad():
+        expected = merged(input_ids=ids).logits
+    on_wrapped.apply(wrapped)  # into the base weights; the LoRA factors are untouched
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(p, lora[n]) for n, p in wrapped.named_parameters() if "lora_" in n)
+    assert on_wrapped.revert(wrapped).exact
