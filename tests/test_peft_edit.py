@@ -40,3 +40,31 @@ def test_memit_on_a_lora_model_equals_memit_on_its_merged_weights(targets):
         torch.testing.assert_close(wrapped(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
     assert all(torch.equal(p, lora[n]) for n, p in wrapped.named_parameters() if "lora_" in n)
     assert on_wrapped.revert(wrapped).exact
+
+
+def test_edit_as_a_new_adapter_leaves_base_and_lora_weights_untouched():
+    from lightning_kedit.editing.delta import DeltaError
+    from lightning_kedit.editing.peft_adapter import add_delta_adapter
+
+    base, tokenizer = tiny_model("llama"), tiny_tokenizer()
+    stats = statistics_for(base, [1, 2])
+    wrapped = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    wrapped.eval()
+    hp = EditHyperParams.for_model(wrapped, "memit").replace(layers=(1, 2), v_steps=5)
+    delta = compute_edit(wrapped, tokenizer, REQUESTS, hparams=hp, statistics=stats)
+    ids = torch.arange(1, 9).reshape(1, 8)
+    with delta.applied(wrapped), torch.no_grad():
+        expected = wrapped(input_ids=ids).logits
+    before = {n: p.detach().clone() for n, p in wrapped.named_parameters()}
+    add_delta_adapter(wrapped, delta, "facts")
+    assert list(wrapped.base_model.active_adapters) == ["default", "facts"]
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(input_ids=ids).logits, expected, atol=1e-5, rtol=1e-5)
+    params = dict(wrapped.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in before.items())  # base weights and the LoRA untouched
+    assert all(not p.requires_grad for n, p in params.items() if ".facts." in n)
+    assert any(p.requires_grad for n, p in params.items() if ".default." in n)  # the fine-tune's LoRA still trains
+    with pytest.raises(DeltaError, match="already has an adapter named 'facts'"):
+        add_delta_adapter(wrapped, delta, "facts")
+    with pytest.raises(DeltaError, match="needs a peft.PeftModel"):
+        add_delta_adapter(tiny_model("llama"), delta)

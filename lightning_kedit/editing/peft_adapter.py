@@ -47,7 +47,7 @@ from lightning_kedit.models.sharding import full_weight
 if TYPE_CHECKING:
     from lightning_kedit.editing.delta import EditDelta
 
-__all__ = ["SIDECAR", "delta_from_peft", "delta_to_peft", "lora_factors"]
+__all__ = ["SIDECAR", "add_delta_adapter", "delta_from_peft", "delta_to_peft", "lora_factors"]
 
 SIDECAR = "kedit_delta.json"
 _PREFIX = "base_model.model."
@@ -99,6 +99,70 @@ def _ranks(delta: EditDelta, rank: int | Mapping[int, int] | None) -> dict[int, 
     return {layer: rank.get(layer) for layer in delta.layers}
 
 
+def _lora_parts(
+    delta: EditDelta, rank: int | Mapping[int, int] | None, dtype: torch.dtype
+) -> tuple[Any, dict[str, Tensor]]:
+    """The ``LoraConfig`` and the saved-format ``lora_A``/``lora_B`` tensors of ``delta`` (all checked first)."""
+    from peft import LoraConfig
+
+    ranks = _ranks(delta, rank)
+    tensors: dict[str, Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    transposed = {delta.update(layer).transposed for layer in delta.layers}
+    for layer in delta.layers:
+        update = delta.update(layer)
+        b, a = lora_factors(update, ranks[layer])
+        name = _module_name(update)
+        tensors[f"{_PREFIX}{name}{_A}"] = a.to(dtype).contiguous()
+        tensors[f"{_PREFIX}{name}{_B}"] = b.to(dtype).contiguous()
+        rank_pattern[name] = int(a.shape[0])
+    default = max(rank_pattern.values())
+    config = LoraConfig(
+        r=default,
+        lora_alpha=default,
+        target_modules=sorted(rank_pattern),
+        rank_pattern=dict(rank_pattern),
+        alpha_pattern=dict(rank_pattern),  # alpha == r per module: scaling alpha / r == 1
+        lora_dropout=0.0,
+        bias="none",
+        fan_in_fan_out=transposed == {True},
+        task_type="CAUSAL_LM",
+    )
+    return config, tensors
+
+
+def add_delta_adapter(model: nn.Module, delta: EditDelta, adapter_name: str = "kedit") -> None:
+    """Add ``delta`` to a ``peft.PeftModel`` as a new LoRA adapter, active together with the active ones.
+
+    The base weights and the existing adapters are not changed (``edit_as="adapter"``: the way to edit a model
+    whose base is frozen or quantised); the new adapter's factors are frozen. Remove it with
+    ``model.delete_adapter(adapter_name)``.
+
+    Raises:
+        DeltaError: ``model`` is not a PeftModel, or already has an adapter named ``adapter_name``.
+    """
+    from peft import PeftModel, set_peft_model_state_dict
+
+    if not isinstance(model, PeftModel):
+        raise DeltaError(f"edit_as='adapter' needs a peft.PeftModel, got {type(model).__name__}; "
+                         "wrap it with peft.get_peft_model or write the edit into the weights")
+    if adapter_name in model.peft_config:
+        raise DeltaError(f"the model already has an adapter named {adapter_name!r}; choose another name")
+    active = list(model.base_model.active_adapters)
+    config, tensors = _lora_parts(delta, None, torch.float32)
+    model.add_adapter(adapter_name, config)
+    try:
+        set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
+        model.base_model.set_adapter([*active, adapter_name])
+    except BaseException:
+        model.base_model.set_adapter(active)
+        model.delete_adapter(adapter_name)
+        raise
+    for name, param in model.named_parameters():
+        if f".{adapter_name}." in name:
+            param.requires_grad_(False)
+
+
 def delta_to_peft(
     delta: EditDelta,
     folder: str | os.PathLike[str],
@@ -122,37 +186,13 @@ def delta_to_peft(
     Raises:
         DeltaError: a rank cannot express a layer's update, or ``folder`` exists and ``overwrite`` is False.
     """
-    from peft import LoraConfig
-
     from lightning_kedit.editing.delta_file import delta_metadata
 
     target = Path(folder)
     if target.exists() and not overwrite:
         raise DeltaError(f"adapter folder {str(target)!r} exists; choose another or pass overwrite=True (--force)")
-    ranks = _ranks(delta, rank)
-    tensors: dict[str, Tensor] = {}
-    rank_pattern: dict[str, int] = {}
-    transposed = {delta.update(layer).transposed for layer in delta.layers}
-    for layer in delta.layers:  # every factor is built (and checked) before anything is written
-        update = delta.update(layer)
-        b, a = lora_factors(update, ranks[layer])
-        name = _module_name(update)
-        tensors[f"{_PREFIX}{name}{_A}"] = a.to(dtype).contiguous()
-        tensors[f"{_PREFIX}{name}{_B}"] = b.to(dtype).contiguous()
-        rank_pattern[name] = int(a.shape[0])
-    default = max(rank_pattern.values())
-    config = LoraConfig(
-        r=default,
-        lora_alpha=default,
-        target_modules=sorted(rank_pattern),
-        rank_pattern=dict(rank_pattern),
-        alpha_pattern=dict(rank_pattern),  # alpha == r per module: scaling alpha / r == 1
-        lora_dropout=0.0,
-        bias="none",
-        fan_in_fan_out=transposed == {True},
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model_name_or_path,
-    )
+    config, tensors = _lora_parts(delta, rank, dtype)
+    config.base_model_name_or_path = base_model_name_or_path
     from safetensors.torch import save_file
 
     with atomic_directory(target, replace=overwrite) as staging:
