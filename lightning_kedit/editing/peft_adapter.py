@@ -148,14 +148,15 @@ def add_delta_adapter(model: nn.Module, delta: EditDelta, adapter_name: str = "k
                          "wrap it with peft.get_peft_model or write the edit into the weights")
     if adapter_name in model.peft_config:
         raise DeltaError(f"the model already has an adapter named {adapter_name!r}; choose another name")
-    active = list(model.base_model.active_adapters)
+    tuner: Any = model.base_model  # peft's LoraModel (typed as a Module by peft)
+    active = list(tuner.active_adapters)
     config, tensors = _lora_parts(delta, None, torch.float32)
     model.add_adapter(adapter_name, config)
     try:
         set_peft_model_state_dict(model, tensors, adapter_name=adapter_name)
-        model.base_model.set_adapter([*active, adapter_name])
+        tuner.set_adapter([*active, adapter_name])
     except BaseException:
-        model.base_model.set_adapter(active)
+        tuner.set_adapter(active)
         model.delete_adapter(adapter_name)
         raise
     for name, param in model.named_parameters():
