@@ -68,3 +68,23 @@ def test_edit_as_a_new_adapter_leaves_base_and_lora_weights_untouched():
         add_delta_adapter(wrapped, delta, "facts")
     with pytest.raises(DeltaError, match="needs a peft.PeftModel"):
         add_delta_adapter(tiny_model("llama"), delta)
+
+
+def test_callback_edits_a_lora_fine_tune_at_fit_end_in_the_base_weights(tmp_path):
+    from test_lightning_callback import FAST, LAYERS, _data, _trainer
+    from test_lightning_callback import REQUESTS as FACTS
+
+    from lightning_kedit.lightning import KnowledgeEditCallback, KnowledgeEditModule
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    module = KnowledgeEditModule(model, tokenizer=tiny_tokenizer(), learning_rate=1e-2)
+    callback = KnowledgeEditCallback(FACTS, layers=LAYERS, hparams=FAST, statistics="train", metrics=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _trainer(tmp_path, max_steps=3, callbacks=[callback]).fit(module, _data(tmp_path))
+    assert [record.key for record in callback.applied] == ["fit_end"]
+    assert all(callback.statistics.count(layer) > 0 for layer in LAYERS)  # hooks on the LoRA layers saw batches
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    base_changed = {n for n in changed if "lora_" not in n}
+    assert base_changed == {f"base_model.model.model.layers.{layer}.mlp.down_proj.base_layer.weight"
+                            for layer in LAYERS}
+    assert any("lora_B" in n for n in changed)  # the fine-tune trained its LoRA
