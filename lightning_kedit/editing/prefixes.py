@@ -40,7 +40,8 @@ def model_digest(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> str:
     digest.update(repr((getattr(config, "model_type", None), getattr(config, "num_hidden_layers", None))).encode())
     params = list(model.parameters())
     for tensor in (params[0], params[-1]):
-        digest.update(tensor.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+        # A copy: numpy() of the parameter's own storage would pin it (FSDP2 frees and resizes that storage).
+        digest.update(tensor.detach().to(torch.float32).cpu().clone().numpy().tobytes())
     digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     return digest.hexdigest()[:20]
 
