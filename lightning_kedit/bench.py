@@ -186,10 +186,12 @@ class _Context:
 
     def compute_edit(self, model: nn.Module, requests: Sequence[EditRequest], method: BenchMethod,
                      timings: dict[str, float], history: EditHistory | None = None,
-                     keys: dict[int, torch.Tensor] | None = None) -> Any:
+                     keys: dict[int, torch.Tensor] | None = None,
+                     extras: dict[str, torch.Tensor] | None = None) -> Any:
         """The delta of ``requests``; phase seconds are added to ``timings``.
 
-        ``history`` and ``keys`` (AlphaEdit's sequence) are passed on only when given.
+        ``history`` and ``keys`` (AlphaEdit's sequence) or ``extras`` (the lifelong method's) are passed on
+        only when given.
         """
         from lightning_kedit.editing import editor
 
@@ -197,7 +199,9 @@ class _Context:
         phases: dict[str, float] = {}
         common: dict[str, Any] = dict(method=method.method, statistics=self.statistics, hparams=hp,
                                       progress=self.verbose, timings=phases, target_cache=self.target_cache)
-        if history is not None:  # AlphaEdit's sequence; the other methods take neither argument
+        if history is not None and method.method == "lifelong":  # its running statistics travel in `extras`
+            common.update(history=history, extras=extras)
+        elif history is not None:  # AlphaEdit's sequence; the other methods take neither argument
             common.update(history=history, keys=keys)
         delta = editor.compute_edit(model, self.tokenizer, list(requests), **common)
         for phase, seconds in phases.items():
@@ -354,8 +358,9 @@ def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], co
     pending = [n for n in counts if results.row(method.name, n) is None]
     state = _load_state(path, model, method, context, counts, pending, batch)
     history = None
-    if method.method == "alphaedit":
-        # Each batch must keep the keys of all earlier ones: without the saved history, start again.
+    if method.method in ("alphaedit", "lifelong"):
+        # Each batch must keep the keys (AlphaEdit) or running statistics (lifelong) of all earlier ones:
+        # without the saved history, start again.
         history = _load_history(history_dir, state)
         state = state if history is not None else None
         history = history if history is not None else EditHistory()
@@ -382,11 +387,12 @@ def _run_sequential(model: nn.Module, method: BenchMethod, counts: list[int], co
                     chunk = context.requests[done : min(done + batch, n)]
                     start = time.perf_counter()
                     keys: dict[int, torch.Tensor] = {}
-                    delta = context.compute_edit(model, chunk, method, phases, history, keys)
+                    extras: dict[str, torch.Tensor] = {}
+                    delta = context.compute_edit(model, chunk, method, phases, history, keys, extras)
                     base.update(_layer_weights(model, [layer for layer in delta.layers if layer not in base]))
                     delta.apply(model)
                     if history is not None:
-                        history.push(delta, keys, model=None, initial=base)
+                        history.push(delta, keys, model=None, initial=base, extras=extras)
                     edit_total += time.perf_counter() - start
                     done += len(chunk)
                     if done < n and time.perf_counter() - saved_at > CHECKPOINT_SECONDS:
@@ -486,12 +492,13 @@ def run_bench(
     results.check_requests(lambda n: digests[n] if n < len(digests) else None)
     names = ([UNEDITED] if baseline else []) + [m.name for m in parsed]
     todo = {name: [n for n in ns if results.row(name, n) is None] for name in names}
-    if any(todo[m.name] for m in parsed if m.method != "ft"):
+    if any(todo[m.name] for m in parsed if m.method not in ("ft", "lifelong")):
         from lightning_kedit.editing import editor
 
         # Once, on the unedited weights, for the layers of every method: their fingerprint is part of the
         # statistics' cache key, and a sequential run (or its restored state) changes them.
-        stat_layers = sorted({layer for m in parsed if m.method != "ft" for layer in per_method[m.name].layers})
+        stat_layers = sorted({layer for m in parsed if m.method not in ("ft", "lifelong")
+                              for layer in per_method[m.name].layers})
         statistics = editor.resolve_statistics(model, tokenizer, stat_layers, statistics, progress=verbose)
     context = _Context(tokenizer, requests, digests, statistics, per_method, target_cache or TargetCache(),
                        str(ppl_text) if ppl_text else None, ppl_tokens, eval_batch_size, batch_size, verbose)

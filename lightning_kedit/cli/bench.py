@@ -26,8 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", required=True, metavar="FILE", help="edit requests (any supported layout)")
     parser.add_argument(
         "--methods", default="memit,rome-seq,ft", metavar="M,M",
-        help="batch methods (memit, rome, ft, alphaedit) and sequential ones (rome-seq, memit-seq, ft-seq, "
-        "alphaedit-seq); default: memit,rome-seq,ft",
+        help="batch methods (memit, rome, ft, alphaedit, lifelong) and sequential ones (rome-seq, memit-seq, "
+        "ft-seq, alphaedit-seq, lifelong-seq); default: memit,rome-seq,ft",
     )
     parser.add_argument("--n", default="1,10,100", metavar="N,N", help="numbers of edits (default: 1,10,100)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (finished cells are kept)")

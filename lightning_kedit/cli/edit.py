@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``kedit edit``."""
     parser.add_argument("--requests", required=True, metavar="FILE", help="edit requests (any supported layout)")
     parser.add_argument("--n", type=int, default=None, metavar="N", help="use the first N requests")
-    parser.add_argument("--method", choices=("memit", "rome", "ft"), default="memit", help="default: memit")
+    parser.add_argument("--method", choices=("memit", "rome", "ft", "lifelong"), default="memit",
+                        help="default: memit (lifelong: one gradient per fact and a ridge solve, editing/lifelong.py)")
     parser.add_argument(
         "--layers", default=None, help="edit layers: '4,5,6', '4-8' or 'auto' (by causal tracing); default: per model"
     )

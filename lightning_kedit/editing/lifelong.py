@@ -308,7 +308,9 @@ def compute_lifelong(
         model: the model, as the batches of ``history`` left it.
         tokenizer: its tokenizer.
         requests: the facts of this batch.
-        hparams: ``layers``, ``batch_size`` and ``extra["step"]`` (``η``), ``extra["ridge"]`` (``λ``).
+        hparams: ``layers``, ``batch_size`` and ``extra["step"]`` (``η``), ``extra["ridge"]`` (``λ``),
+            ``extra["grad_scaling"]``: ``"feature"`` (default: ``s_g`` per feature) or ``"global"`` (one RMS over
+            all gradient features, which keeps the gradient's direction).
         history: the earlier batches, whose running sums the normalisation starts from; None for none.
         extras: when given, filled with this batch's sums (for ``history.push(delta, extras=extras)``).
         timings: when given, the seconds of the ``features`` and ``solve`` phases are added to it.
@@ -323,6 +325,9 @@ def compute_lifelong(
     ridge = float(hparams.extra.get("ridge", DEFAULT_RIDGE))
     if not (step > 0 and ridge > 0):
         raise KeditError(f"the lifelong method's `step` and `ridge` must be > 0, got step={step}, ridge={ridge}")
+    scaling = str(hparams.extra.get("grad_scaling", "feature"))
+    if scaling not in ("feature", "global"):
+        raise KeditError(f"`grad_scaling`={scaling!r} is neither 'feature' (per-feature RMS) nor 'global' (one RMS)")
     adapter = ModelAdapter.for_model(model)
     layers = adapter.check_layers(list(hparams.layers))
     timer = PhaseTimer()
@@ -335,14 +340,17 @@ def compute_lifelong(
             key_sums, grad_sums = running_sums(history, layer, adapter.key_size, adapter.value_size)
             key_sums = key_sums + FeatureSums.from_tensors(batch_sums, f"layers.{layer}.key")
             grad_sums = grad_sums + FeatureSums.from_tensors(batch_sums, f"layers.{layer}.grad")
-            update = lifelong_factors(features.keys[layer], features.grads[layer], key_sums.rms(), grad_sums.rms(),
+            grad_scale = grad_sums.rms()
+            if scaling == "global":  # one scale for every gradient feature: the step keeps the gradient's direction
+                grad_scale = (grad_scale**2).mean().sqrt().expand_as(grad_scale)
+            update = lifelong_factors(features.keys[layer], features.grads[layer], key_sums.rms(), grad_scale,
                                       step=step / len(layers), ridge=ridge)
             if not (torch.isfinite(update.u).all() and torch.isfinite(update.v).all()):
                 raise KeditError(f"the lifelong update of layer {layer} is not finite; lower `step` or raise `ridge`")
             factors[layer] = update
         delta = EditDelta.from_model(
             model, factors, method="lifelong",
-            hparams={**hparams.to_dict(), "step": step, "ridge": ridge,
+            hparams={**hparams.to_dict(), "step": step, "ridge": ridge, "grad_scaling": scaling,
                      "previous_edits": history.num_edits if history is not None else 0},
             request_ids=[r.case_id for r in requests], tokenizer=tokenizer,
         )

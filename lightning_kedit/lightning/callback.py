@@ -95,7 +95,8 @@ class KnowledgeEditCallback(Callback):
         requests: a request file (any layout ``load_requests`` reads), or ``EditRequest`` objects.
         n_requests: read only the first ``n_requests`` of a file.
         method: an editing method of ``lightning_kedit.editing.METHODS`` (``"memit"``, ``"rome"``, ``"ft"``,
-            ``"alphaedit"``; each edit is computed from the weights as they are, without an ``EditHistory``).
+            ``"alphaedit"``, ``"lifelong"``; each edit is computed from the weights as they are, without an
+            ``EditHistory``, so the lifelong method normalises by the statistics of that edit's facts alone).
         layers: layers to edit (default: the method's default for the model).
         hparams: hyper-parameters, an ``EditHyperParams`` or a mapping of its fields to override.
         statistics: where the key statistics come from: ``"train"``, ``"validation"`` or ``"predict"``
