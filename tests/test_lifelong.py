@@ -168,3 +168,21 @@ def test_bad_options_are_refused_and_leave_the_model():
     with pytest.raises(KeditError, match="extras"):
         compute_edit(model, tok, REQUESTS[:1], method="memit", extras={})
     assert all(torch.equal(before[la], weights(model)[la]) for la in LAYERS)
+
+
+def test_bench_runs_lifelong_seq_and_resumes_with_its_statistics(tmp_path):
+    from lightning_kedit.bench import run_bench
+    from lightning_kedit.requests import bundled_requests
+
+    tok = tiny_tokenizer()
+    common = dict(methods="lifelong-seq", out_dir=tmp_path / "out", model_name="tiny", requests_name="demo",
+                  batch_size=2, baseline=False, progress=False, hparams={"layers": LAYERS})
+    through = run_bench(tiny_model("llama"), tok, bundled_requests(), counts="2,4", **{**common,
+                                                                                       "out_dir": tmp_path / "a"})
+    run_bench(tiny_model("llama"), tok, bundled_requests(), counts="2", **common)
+    resumed = run_bench(tiny_model("llama"), tok, bundled_requests(), counts="2,4", **common)
+    a, b = through.row("lifelong-seq", 4), resumed.row("lifelong-seq", 4)
+    assert a is not None and b is not None
+    assert a["efficacy"] == b["efficacy"] and a["neighborhood"] == b["neighborhood"]
+    saved = EditHistory.load(tmp_path / "out" / "state" / "lifelong-seq.history")
+    assert len(saved) == 2 and all("layers.1.key.sum" in entry.extras for entry in saved)
