@@ -44,7 +44,7 @@ def test_cli_catches_the_destructive_edit_and_passes_the_default_one(tmp_path, c
     assert main([*common, "--out", str(good), "--json", str(report)]) == 0
     guard = json.loads(report.read_text())["guard"]
     assert guard["passed"] and guard["perplexity_rise"] < 0.10 and good.is_file()
-    assert guard["seconds"] < 20  # a few seconds on a quiet machine; generous for a shared one
+    assert guard["seconds"] > 0  # reported; its cost lives in benchmarks, never in a timed test
 
 
 def test_guard_report_on_smollm2_and_weights_restored(smollm2):

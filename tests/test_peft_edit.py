@@ -6,11 +6,13 @@ import copy
 
 import pytest
 import torch
+from lightning.pytorch import Callback
 from peft import LoraConfig, get_peft_model
 from test_memit import REQUESTS, statistics_for
 from tiny_models import tiny_model, tiny_tokenizer
 
 from lightning_kedit.editing import EditHyperParams, compute_edit
+from lightning_kedit.editing.delta import EditDelta
 from lightning_kedit.models.adapters import ModelAdapter
 
 
@@ -88,3 +90,61 @@ def test_callback_edits_a_lora_fine_tune_at_fit_end_in_the_base_weights(tmp_path
     assert base_changed == {f"base_model.model.model.layers.{layer}.mlp.down_proj.base_layer.weight"
                             for layer in LAYERS}
     assert any("lora_B" in n for n in changed)  # the fine-tune trained its LoRA
+
+
+class _LoraSnapshot(Callback):
+    """The trained weights as fit left them, before the callback's edit at fit end."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.weights = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()}
+
+
+def test_callback_edit_as_adapter_adds_one_adapter_and_reverts_it(tmp_path):
+    from test_lightning_callback import FAST, LAYERS, _data, _trainer
+    from test_lightning_callback import REQUESTS as FACTS
+
+    from lightning_kedit.lightning import KnowledgeEditCallback, KnowledgeEditModule
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    module = KnowledgeEditModule(model, tokenizer=tiny_tokenizer(), learning_rate=1e-2)
+    callback = KnowledgeEditCallback(FACTS, layers=LAYERS, hparams=FAST, statistics="train", metrics=False,
+                                     damage_guard=False, edit_as="adapter", save_delta_to=tmp_path / "deltas")
+    snapshot = _LoraSnapshot()
+    _trainer(tmp_path, max_steps=3, callbacks=[snapshot, callback]).fit(module, _data(tmp_path))
+    assert list(model.base_model.active_adapters) == ["default", "kedit_fit_end"]
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], p) for n, p in snapshot.weights.items())  # base and trained LoRA untouched
+    # The new adapter computes the saved delta: base + LoRA + adapter == (base + delta) + LoRA.
+    delta = EditDelta.load(callback.applied[0].path)
+    ids = torch.arange(1, 9).reshape(1, 8)
+    model.eval()
+    with torch.no_grad():
+        edited = model(input_ids=ids).logits
+        model.base_model.set_adapter(["default"])
+        with delta.applied(model):
+            expected = model(input_ids=ids).logits
+    model.base_model.set_adapter(["default", "kedit_fit_end"])
+    torch.testing.assert_close(edited, expected, atol=1e-5, rtol=1e-5)
+    trainer = _trainer(tmp_path, max_steps=1, callbacks=[callback])
+    trainer.strategy.connect(module)
+    assert callback.revert(trainer) == 1
+    assert "kedit_fit_end" not in model.peft_config and list(model.base_model.active_adapters) == ["default"]
+    assert all(torch.equal(dict(model.named_parameters())[n], p) for n, p in snapshot.weights.items())
+
+
+def test_callback_edit_as_adapter_refuses_a_plain_model_and_bad_names(tmp_path):
+    from test_lightning_callback import LAYERS, _data, _trainer
+    from test_lightning_callback import REQUESTS as FACTS
+
+    from lightning_kedit.errors import KeditError
+    from lightning_kedit.lightning import KnowledgeEditCallback, KnowledgeEditModule
+
+    with pytest.raises(KeditError, match="`edit_as` must be one of"):
+        KnowledgeEditCallback(FACTS, edit_as="lora")
+    model = tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    callback = KnowledgeEditCallback(FACTS, layers=LAYERS, statistics="train", metrics=False, edit_as="adapter")
+    with pytest.raises(KeditError, match="edit_as='adapter' needs a peft.PeftModel, got LlamaForCausalLM"):
+        _trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(
+            KnowledgeEditModule(model, tokenizer=tiny_tokenizer()), _data(tmp_path))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,7 @@ __all__ = [
     "TESTED_SETTINGS",
     "EditHyperParams",
     "HyperParamError",
+    "hparams_with_overrides",
     "resolve_hparams",
 ]
 
@@ -271,6 +272,22 @@ def resolve_hparams(
         base = base.replace(layers=checked)
     _checked_layers(adapter, base.layers)
     return base
+
+
+def hparams_with_overrides(
+    model: nn.Module, method: str, layers: Sequence[int] | None, given: Mapping[str, Any] | EditHyperParams | None
+) -> EditHyperParams:
+    """``given`` itself (with ``layers`` when given), or the model's defaults for ``method`` with its overrides.
+
+    Example:
+        >>> from transformers import GPT2Config, GPT2LMHeadModel
+        >>> model = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=32, n_head=4, vocab_size=64))
+        >>> hparams_with_overrides(model, "memit", [1], {"v_steps": 3}).v_steps
+        3
+    """
+    if isinstance(given, EditHyperParams):
+        return given if layers is None else given.replace(layers=tuple(layers))
+    return EditHyperParams.for_model(model, method, layers).replace(**dict(given or {}))
 
 
 def _checked_layers(adapter: ModelAdapter, layers: Sequence[int]) -> tuple[int, ...]:

@@ -16,9 +16,11 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,11 +28,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_kedit.errors import KeditError
+from lightning_kedit.requests import EditRequest
 
 if TYPE_CHECKING:
     from lightning_kedit.editing.delta import EditDelta
 
-__all__ = ["DELTA_SUFFIX", "AppliedEdit", "delta_file", "delta_from_bytes", "delta_to_bytes", "recorded_delta"]
+__all__ = [
+    "DELTA_SUFFIX",
+    "AppliedEdit",
+    "delta_file",
+    "delta_from_bytes",
+    "delta_to_bytes",
+    "read_requests",
+    "recorded_delta",
+    "requests_source",
+    "save_delta",
+]
 
 DELTA_SUFFIX = ".safetensors"
 
@@ -58,6 +71,48 @@ class AppliedEdit:
 def delta_file(folder: str | Path, key: str) -> Path:
     """Where the delta of the edit made at moment ``key`` is saved in ``folder`` (a file-system-safe name)."""
     return Path(folder) / (re.sub(r"[^A-Za-z0-9_.-]+", "-", key) + DELTA_SUFFIX)
+
+
+def requests_source(
+    requests: str | os.PathLike[str] | Sequence[EditRequest], n_requests: int | None
+) -> tuple[Path | list[EditRequest], str]:
+    """The callback's requests (a file to read at set-up, or the first ``n_requests`` given) and their state key.
+
+    Raises:
+        KeditError: ``n_requests`` < 1, a request file that does not exist, or an empty or mixed sequence.
+    """
+    if n_requests is not None and n_requests < 1:
+        raise KeditError(f"`n_requests` must be >= 1 or None, got {n_requests}")
+    if isinstance(requests, (str, os.PathLike)):
+        path = Path(requests).expanduser()
+        if not path.is_file():
+            raise KeditError(f"`requests` file {str(requests)!r} not found; give a request file (.json/.jsonl)")
+        return path, f"{path}:{n_requests}"
+    listed = list(requests)
+    if not listed or not all(isinstance(r, EditRequest) for r in listed):
+        raise KeditError("`requests` must be a request file or a non-empty sequence of EditRequest")
+    ids = "\n".join(r.case_id for r in listed[:n_requests])
+    return listed[:n_requests], "ids:" + hashlib.sha256(ids.encode()).hexdigest()[:16]
+
+
+def read_requests(source: Path | list[EditRequest], n_requests: int | None) -> list[EditRequest]:
+    """The requests of a :func:`requests_source`: read from its file, or those given."""
+    if isinstance(source, Path):
+        from lightning_kedit.requests import load_requests
+
+        return load_requests(source, n=n_requests)
+    return source
+
+
+def save_delta(folder: str | Path | None, key: str, delta: EditDelta, is_global_zero: bool) -> str | None:
+    """Where the delta of the edit made at ``key`` is kept in ``folder`` (None: not kept); rank 0 writes it."""
+    if folder is None:
+        return None
+    path = delta_file(folder, key)
+    if is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        delta.save(path)
+    return str(path)
 
 
 def recorded_delta(record: AppliedEdit, deltas: Mapping[str, EditDelta]) -> EditDelta:

@@ -30,8 +30,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
-import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -40,21 +38,29 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+from typing_extensions import override
 
 # Imported at run time, not only for type checking: LightningCLI (jsonargparse) reads the signature.
 from lightning_kedit.editing.damage_guard import DamageGuard
-from lightning_kedit.editing.hparams import METHODS, EditHyperParams
+from lightning_kedit.editing.hparams import METHODS, EditHyperParams, hparams_with_overrides
 from lightning_kedit.editing.keys import eval_mode
 from lightning_kedit.errors import KeditError
 from lightning_kedit.models import ModelAdapter
 from lightning_kedit.requests import EditRequest
 from lightning_kedit.statistics import KeyStatistics
 
-from .applied_edits import AppliedEdit, delta_file, delta_from_bytes, delta_to_bytes, recorded_delta
+from .applied_edits import (
+    AppliedEdit,
+    delta_from_bytes,
+    delta_to_bytes,
+    read_requests,
+    recorded_delta,
+    requests_source,
+    save_delta,
+)
 from .batch_statistics import (
     BatchKeyCollector,
     PathLike,
@@ -63,6 +69,7 @@ from .batch_statistics import (
     gather_statistics,
     open_statistics,
 )
+from .delta_placement import check_edit_as, check_model_for, put_delta, take_delta
 from .edit_guard import check_on_damage, guard_delta, handle_rejection, resolve_guard
 from .edit_metrics import (
     EDIT_METRICS,
@@ -74,7 +81,7 @@ from .edit_metrics import (
 )
 from .edit_moments import EDIT_MOMENTS, Moment, check_moments, moment_key
 from .statistics_checkpoint import restore_statistics, save_statistics_files
-from .strategies import check_edit_weights, check_strategy, language_model, same_on_every_rank
+from .strategies import check_edit_weights, check_strategy, language_model, module_tokenizer, same_on_every_rank
 
 if TYPE_CHECKING:
     from lightning_kedit.editing.damage_guard import DamageReport
@@ -118,6 +125,8 @@ class KnowledgeEditCallback(Callback):
             it enters the weights (True: the default guard; False: none); see :meth:`on_edit_rejected`.
         on_damage: what a rejected edit does: ``"skip"`` (warn, not applied), ``"raise"`` (a
             ``MisconfigurationException``) or ``"apply"`` (warn, applied anyway).
+        edit_as: ``"weights"`` (into the edit layers' weights) or ``"adapter"`` (a new frozen LoRA adapter of a
+            ``peft.PeftModel``, the base weights and trained adapters untouched; see :mod:`.delta_placement`).
 
     Example::
 
@@ -152,21 +161,9 @@ class KnowledgeEditCallback(Callback):
         tokenizer: PreTrainedTokenizerBase | None = None,
         damage_guard: DamageGuard | bool = True,
         on_damage: str = "skip",
+        edit_as: str = "weights",
     ) -> None:
-        if n_requests is not None and n_requests < 1:
-            raise KeditError(f"`n_requests` must be >= 1 or None, got {n_requests}")
-        if isinstance(requests, (str, os.PathLike)):
-            if not Path(requests).expanduser().is_file():
-                raise KeditError(f"`requests` file {str(requests)!r} not found; give a request file (.json/.jsonl)")
-            self._requests_source: Path | list[EditRequest] = Path(requests).expanduser()
-            requests_key = f"{self._requests_source}:{n_requests}"
-        else:
-            listed = list(requests)
-            if not listed or not all(isinstance(r, EditRequest) for r in listed):
-                raise KeditError("`requests` must be a request file or a non-empty sequence of EditRequest")
-            self._requests_source = listed[:n_requests]
-            ids = "\n".join(r.case_id for r in self._requests_source)
-            requests_key = "ids:" + hashlib.sha256(ids.encode()).hexdigest()[:16]
+        self._requests_source, requests_key = requests_source(requests, n_requests)
         if method not in METHODS:
             raise KeditError(f"`method` must be one of {METHODS}, got {method!r}")
         moments = check_moments(edit_at, every_n_steps, epochs, revert_at)
@@ -195,6 +192,7 @@ class KnowledgeEditCallback(Callback):
         self._tokenizer_arg = tokenizer
         self.damage_guard = resolve_guard(damage_guard)
         self.on_damage = check_on_damage(on_damage)
+        self.edit_as = check_edit_as(edit_as)
         #: The damage reports of the edits the guard rejected, oldest first.
         self.rejections: list[DamageReport] = []
         self._state_key = self._generate_state_key(
@@ -214,6 +212,7 @@ class KnowledgeEditCallback(Callback):
         self._collector = BatchKeyCollector()
 
     @property
+    @override
     def state_key(self) -> str:
         return self._state_key
 
@@ -241,39 +240,22 @@ class KnowledgeEditCallback(Callback):
         return True
 
     # ------------------------------------------------------------------------------------------- set-up
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy)
         model = language_model(pl_module)
         adapter = ModelAdapter.for_model(model)
-        tokenizer = self._tokenizer(pl_module)
+        check_model_for(self.edit_as, model)
+        tokenizer = module_tokenizer(pl_module, self._tokenizer_arg)
         if not self.requests:
-            from lightning_kedit.requests import load_requests
-
-            source = self._requests_source
-            self.requests = load_requests(source, n=self.n_requests) if isinstance(source, Path) else source
+            self.requests = read_requests(self._requests_source, self.n_requests)
         if self.hparams is None:
-            hparams = self._hparams_arg
-            if not isinstance(hparams, EditHyperParams):
-                defaults = EditHyperParams.for_model(model, self.method, self.layers)
-                hparams = defaults.replace(**dict(hparams or {}))
-            elif self.layers is not None:
-                hparams = hparams.replace(layers=tuple(self.layers))
-            self.layers = adapter.check_layers(list(hparams.layers), "layers")
-            self.hparams = hparams
+            self.hparams = hparams_with_overrides(model, self.method, self.layers, self._hparams_arg)
+            self.layers = adapter.check_layers(list(self.hparams.layers), "layers")
         if self.statistics is None:
             layers = cast(list[int], self.layers)
-            self.statistics = open_statistics(
-                trainer, model, tokenizer, self._statistics_arg, layers, self.statistics_tokens
-            )
-
-    def _tokenizer(self, pl_module: LightningModule) -> PreTrainedTokenizerBase:
-        tokenizer = self._tokenizer_arg or getattr(pl_module, "tokenizer", None)
-        if tokenizer is None:
-            raise MisconfigurationException(
-                "KnowledgeEditCallback needs a tokenizer: pass `tokenizer=` or give the LightningModule a "
-                "`tokenizer` attribute (KnowledgeEditModule has one)"
-            )
-        return tokenizer
+            self.statistics = open_statistics(trainer, model, tokenizer, self._statistics_arg, layers,
+                                              self.statistics_tokens)
 
     # ------------------------------------------------------------------------ statistics from batches
     def _start_collecting(self, pl_module: LightningModule, source: str) -> None:
@@ -286,91 +268,91 @@ class KnowledgeEditCallback(Callback):
         if self.statistics_source == source and not trainer.sanity_checking:
             self._collector.batch_start(batch)
 
-    def _batch_end(self) -> None:
-        self._collector.batch_end()
-
-    def _stop_collecting(self) -> None:
-        self._collector.stop()
-
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start_collecting(pl_module, "train")
         self._start_collecting(pl_module, "validation")
 
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == "validate":
             self._start_collecting(pl_module, "validation")
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch_start(batch, "train", trainer)
 
+    @override
     def on_validation_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._batch_start(batch, "validation", trainer)
 
+    @override
     def on_predict_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._batch_start(batch, "predict", trainer)
 
+    @override
     def on_validation_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._batch_end()
+        self._collector.batch_end()
 
+    @override
     def on_predict_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self._batch_end()
+        self._collector.batch_end()
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == "validate":
-            self._stop_collecting()
+            self._collector.stop()
 
     # ----------------------------------------------------------------------------------- when to edit
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._batch_end()
+        self._collector.batch_end()
         self._maybe_edit(trainer, pl_module, "step")
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._maybe_edit(trainer, pl_module, "epoch_end")
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._maybe_edit(trainer, pl_module, "fit_end")
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stop_collecting()
+        self._collector.stop()
         if self.revert_at == "fit_end":
             self.revert(trainer)
 
+    @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._maybe_edit(trainer, pl_module, "predict_start")
         self._start_collecting(pl_module, "predict")
 
+    @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._stop_collecting()
+        self._collector.stop()
         if self.revert_at == "predict_end":
             self.revert(trainer)
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self._stop_collecting()
+        self._collector.stop()
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._stop_collecting()
+        self._collector.stop()
         if self.revert_at == "teardown":
             self.revert(trainer)
 
@@ -397,7 +379,7 @@ class KnowledgeEditCallback(Callback):
         from lightning_kedit.editing import compute_edit
 
         model = language_model(pl_module)
-        tokenizer = self._tokenizer(pl_module)
+        tokenizer = module_tokenizer(pl_module, self._tokenizer_arg)
         check_edit_weights(ModelAdapter.for_model(model), cast(list[int], self.layers))  # sharded by configure_model
         statistics = self.gathered_statistics(trainer)
         started = time.perf_counter()
@@ -420,7 +402,7 @@ class KnowledgeEditCallback(Callback):
             report = guard_delta(trainer, self.damage_guard, model, tokenizer, delta, self.requests)
             if report is not None and not report.passed and not self.on_edit_rejected(trainer, pl_module, report):
                 return delta  # not applied
-            delta.apply(model)
+            put_delta(model, delta, self.edit_as, key)
             seconds = time.perf_counter() - started
             after = self._evaluate(model, tokenizer)
         record = AppliedEdit(
@@ -430,11 +412,14 @@ class KnowledgeEditCallback(Callback):
             method=self.method,
             epoch=trainer.current_epoch,
             global_step=trainer.global_step,
-            path=self._save_delta(trainer, delta, key),
+            path=save_delta(self.save_delta_to, key, delta, trainer.is_global_zero),
         )
         self._applied.append(record)
         self._deltas[record.digest] = delta
-        self._report(trainer, pl_module, record, before, after, seconds, can_log)
+        values = edit_metric_values(len(record.request_ids), before, after, seconds, self.metrics)
+        self.history.append({"key": key, "global_step": record.global_step, **values})
+        log_edit_metrics(trainer, pl_module, values, can_log)
+        announce_edit(key, record.method, values)
         return delta
 
     def on_edit_rejected(self, trainer: Trainer, pl_module: LightningModule, report: DamageReport) -> bool:
@@ -457,11 +442,12 @@ class KnowledgeEditCallback(Callback):
         self.rank_disagreements.append((trainer.global_step, computed.digest(), adopted.digest()))
 
     def revert(self, trainer: Trainer) -> int:
-        """Undo every edit this callback put in the weights (newest first); returns how many were undone."""
+        """Undo every edit this callback put in the model (newest first); returns how many were undone."""
         model = language_model(trainer.lightning_module)
-        deltas = [recorded_delta(record, self._deltas) for record in reversed(self._applied)]
-        for delta in deltas:
-            delta.revert(model)
+        records = list(reversed(self._applied))
+        deltas = [recorded_delta(record, self._deltas) for record in records]
+        for record, delta in zip(records, deltas, strict=True):
+            take_delta(model, delta, self.edit_as, record.key)
         count = len(self._applied)
         self._applied.clear()
         if count:
@@ -482,48 +468,27 @@ class KnowledgeEditCallback(Callback):
         """The edit metrics of the requests now (``{}`` when none is reported)."""
         return evaluate_edit(model, tokenizer, self.requests, self.metrics, self.ppl_text, self.ppl_tokens)
 
-    def _save_delta(self, trainer: Trainer, delta: EditDelta, key: str) -> str | None:
-        if self.save_delta_to is None:
-            return None
-        path = delta_file(self.save_delta_to, key)
-        if trainer.is_global_zero:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            delta.save(path)
-        return str(path)
-
-    def _report(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        record: AppliedEdit,
-        before: Mapping[str, Any],
-        after: Mapping[str, Any],
-        seconds: float,
-        can_log: bool,
-    ) -> None:
-        """Record the edit's metrics in :attr:`history`, log them and announce the edit on rank 0."""
-        values = edit_metric_values(len(record.request_ids), before, after, seconds, self.metrics)
-        self.history.append({"key": record.key, "global_step": record.global_step, **values})
-        log_edit_metrics(trainer, pl_module, values, can_log)
-        announce_edit(record.key, record.method, values)
-
     # -------------------------------------------------------------------------------------- checkpoints
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"applied": [asdict(record) for record in self._applied]}
         if self.checkpoint_deltas:
             state["deltas"] = {r.digest: delta_to_bytes(self._deltas[r.digest]) for r in self._applied}
         return state
 
+    @override
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         # Statistics from batches go to one file per process beside the checkpoint (statistics_checkpoint.py).
         if self.statistics is not None and self.statistics_source is not None:
             state = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})
             state["statistics_files"] = save_statistics_files(trainer, self.statistics)
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.statistics is not None and self.statistics_source is not None:
             restore_statistics(trainer, self.statistics, checkpoint.get("callbacks", {}).get(self.state_key, {}))
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # The weights restored with this state already hold these edits: they are recorded, not re-applied.
         self._applied = [AppliedEdit.from_dict(item) for item in state_dict.get("applied", [])]

@@ -7,11 +7,12 @@ Prediction prompts are one per line of a text file, or the filled edit prompts o
 
 The tokenizer is taken from the ``LightningModule`` (its ``tokenizer`` attribute) at ``setup`` unless given.
 
-Example:
-    >>> data = TextDataModule(train_files="train.txt", val_files="valid.txt", block_size=256, batch_size=4)
-    >>> trainer.fit(module, data)  # doctest: +SKIP
-    >>> serving = TextDataModule(predict_file="requests.json", batch_size=16)
-    >>> completions = trainer.predict(module, serving)  # doctest: +SKIP
+Example::
+
+    data = TextDataModule(train_files="train.txt", val_files="valid.txt", block_size=256, batch_size=4)
+    trainer.fit(module, data)
+    serving = TextDataModule(predict_file="requests.json", batch_size=16)
+    completions = trainer.predict(module, serving)
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, Strategy
@@ -36,7 +36,7 @@ from .applied_edits import delta_from_bytes, delta_to_bytes
 if TYPE_CHECKING:
     from lightning_kedit.editing.delta import EditDelta
 
-__all__ = ["check_edit_weights", "check_strategy", "language_model", "same_on_every_rank"]
+__all__ = ["check_edit_weights", "check_strategy", "language_model", "module_tokenizer", "same_on_every_rank"]
 
 _USE = ("use a single device, strategy='ddp', or ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) "
         "with fully_shard (FSDP2) on each block and the model in configure_model")
@@ -108,6 +108,21 @@ def language_model(pl_module: LightningModule) -> nn.Module:
         f"KnowledgeEditCallback needs a Hugging Face causal LM: {type(pl_module).__name__} has no `model` "
         "attribute holding one; use KnowledgeEditModule or keep the model in `self.model`"
     )
+
+
+def module_tokenizer(pl_module: LightningModule, given: Any = None) -> Any:
+    """``given``, or the ``tokenizer`` attribute of ``pl_module`` (as :class:`KnowledgeEditModule` has).
+
+    Raises:
+        MisconfigurationException: neither is there.
+    """
+    tokenizer = given or getattr(pl_module, "tokenizer", None)
+    if tokenizer is None:
+        raise MisconfigurationException(
+            "KnowledgeEditCallback needs a tokenizer: pass `tokenizer=` or give the LightningModule a "
+            "`tokenizer` attribute (KnowledgeEditModule has one)"
+        )
+    return tokenizer
 
 
 def same_on_every_rank(trainer: Trainer, delta: EditDelta) -> EditDelta:

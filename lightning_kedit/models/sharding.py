@@ -23,7 +23,7 @@ Example:
     >>> w = torch.nn.Parameter(torch.zeros(2, 2))
     >>> full_weight(w) is w, is_sharded(w)
     (True, False)
-    >>> write_weight(w, torch.ones(2, 2)); float(w.sum())
+    >>> write_weight(w, torch.ones(2, 2)); float(w.detach().sum())
     4.0
 """
 

@@ -122,7 +122,10 @@ class HistoryStore:
 
     Example:
         >>> import tempfile
-        >>> HistoryStore(tempfile.mkdtemp()).read_if_changed(None)[1].version
+        >>> store = HistoryStore(tempfile.mkdtemp())
+        >>> store.read_if_changed(None)  # no commit yet: the unedited model, unchanged
+        (None, None)
+        >>> store.read_if_changed("an older stamp")[1].version  # the manifest of the unedited model
         0
     """
 
