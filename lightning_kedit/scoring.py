@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kedit.errors import KeditError
+from lightning_kedit.models.adapters import forward_parameters
 
 __all__ = [
     "AnswerScores",
@@ -269,7 +269,7 @@ def score_answers(
         from tqdm.auto import tqdm
 
         batches = tqdm(batches, desc="scoring", unit="batch", leave=False)
-    keep_some = "logits_to_keep" in inspect.signature(model.forward).parameters
+    keep_some = "logits_to_keep" in forward_parameters(model)
     was_training = model.training
     model.eval()
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import inspect
+import warnings
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 from lightning_kedit.editing import EditHyperParams, compute_edit
 from lightning_kedit.editing.delta import EditDelta
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.serving.generation import generate_text
 
 
 @pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "down_proj", "up_proj"]])
@@ -148,3 +151,19 @@ def test_callback_edit_as_adapter_refuses_a_plain_model_and_bad_names(tmp_path):
         _trainer(tmp_path, max_steps=1, callbacks=[callback]).fit(
             KnowledgeEditModule(model, tokenizer=tiny_tokenizer()), _data(tmp_path))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_peft_model_gets_its_transformers_forward_arguments():
+    """A PeftModel's forward takes **kwargs: the cache and logits arguments come from the wrapped model's forward
+    (reading PeftModel.forward gave ``past_key_values``, which transformers 5.40 removes)."""
+    from lightning_kedit.models.adapters import forward_parameters, kv_cache_argument
+
+    model = tiny_model("llama")
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj"]))
+    expected = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    assert kv_cache_argument(wrapped) == kv_cache_argument(model) == expected
+    assert set(forward_parameters(wrapped)) == set(inspect.signature(model.forward).parameters)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # a deprecated cache keyword would raise here
+        completion = generate_text(wrapped, tiny_tokenizer(), "the cat", max_tokens=4)
+    assert completion.tokens == generate_text(model, tiny_tokenizer(), "the cat", max_tokens=4).tokens  # B = 0

@@ -26,7 +26,6 @@ Example::
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from lightning_kedit.hooks import StopForward, first_tensor, run_until
-from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.adapters import ModelAdapter, kv_cache_argument
 
 __all__ = ["PREFIX_CACHE_TYPES", "UpperReplay", "prepare_replays", "tail_groups"]
 
@@ -155,7 +154,7 @@ def _prefix_replay(
     # Full-attention cache layers (no config): every layer keeps all prefix positions; the model's own masks
     # apply any sliding window.
     cache = DynamicCache()
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = kv_cache_argument(model)
     prefix_kv = None
     with torch.no_grad():
         if prefix.shape[1]:

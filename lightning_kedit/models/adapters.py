@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import reduce
 
@@ -31,6 +33,8 @@ __all__ = [
     "NotLinearlyEditableError",
     "UnsupportedModelError",
     "default_edit_layers",
+    "forward_parameters",
+    "kv_cache_argument",
     "register_adapter",
 ]
 
@@ -323,6 +327,28 @@ def _unwrap_peft(model: nn.Module) -> nn.Module:
     if type(model).__module__.startswith("peft.") and callable(get_base_model):
         return get_base_model()  # type: ignore[no-any-return]
     return model
+
+
+def forward_parameters(model: nn.Module) -> Mapping[str, inspect.Parameter]:
+    """The keyword parameters of the transformer's own ``forward`` (inside a ``PeftModel``, the wrapped model's).
+
+    A ``PeftModel``'s forward takes ``**kwargs``, so its own signature does not say what the model accepts.
+    """
+    return inspect.signature(_unwrap_peft(model).forward).parameters
+
+
+def kv_cache_argument(model: nn.Module) -> str:
+    """The keyword that passes a KV cache to ``model``: ``cache`` (transformers >= 5.2x) or ``past_key_values``.
+
+    Example::
+
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+        ...                                      num_hidden_layers=1, num_attention_heads=2))
+        >>> kv_cache_argument(model) in ("cache", "past_key_values")
+        True
+    """
+    return "cache" if "cache" in forward_parameters(model) else "past_key_values"
 
 
 def _base_layer(module: nn.Module) -> nn.Module:

@@ -13,7 +13,6 @@ Example:
 """
 
 # No ``from __future__ import annotations``: LitServe reads decode_request's annotation as a type.
-import inspect
 import os
 import time
 import uuid
@@ -25,6 +24,8 @@ import litserve as ls
 import torch
 from fastapi import Header, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
+
+from lightning_kedit.models.adapters import forward_parameters, kv_cache_argument
 
 from .keys import ServeKeys
 from .store import HistoryStore
@@ -76,9 +77,8 @@ def generate_text(model: torch.nn.Module, tokenizer: Any, prompt: str, *, max_to
     past = None
     step_ids = ids
     finish = "length"
-    parameters = inspect.signature(model.forward).parameters
-    cache_name = "cache" if "cache" in parameters else "past_key_values"  # renamed in transformers 5.2x
-    last_only: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
+    cache_name = kv_cache_argument(model)
+    last_only: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in forward_parameters(model) else {}
     for _ in range(max_tokens):
         cache: dict[str, Any] = {cache_name: past} if past is not None else {}
         out = model(input_ids=step_ids, use_cache=True, **last_only, **cache)

@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import inspect
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -32,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kedit.hooks import capture_outputs, first_tensor, output_hooks, replace_first_tensor
-from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.adapters import ModelAdapter, forward_parameters, kv_cache_argument
 
 __all__ = ["Tracer", "embedding_noise_scale", "model_device", "restored_layers"]
 
@@ -118,10 +117,8 @@ class Tracer:
         self.noise = noise.to(self.device, next(self.adapter.embeddings().parameters()).dtype)
         self.samples = int(noise.shape[0])
         self.cells_per_batch = max(1, batch_size // self.samples)
-        parameters = inspect.signature(model.forward).parameters
-        self.keep_one = "logits_to_keep" in parameters
-        # transformers 5.2x renamed ``past_key_values`` to ``cache``.
-        self.cache_name = "cache" if "cache" in parameters else "past_key_values"
+        self.keep_one = "logits_to_keep" in forward_parameters(model)
+        self.cache_name = kv_cache_argument(model)
         self.modules: dict[str, list[nn.Module]] = {
             "hidden": list(self.adapter.blocks),
             "mlp": [self.adapter.mlp(i) for i in range(self.adapter.num_layers)],
