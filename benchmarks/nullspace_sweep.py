@@ -24,7 +24,7 @@ import torch
 
 from lightning_kedit import load_model
 from lightning_kedit.editing import alphaedit
-from lightning_kedit.editing.editor import resolve_statistics
+from lightning_kedit.editing.edit_inputs import resolve_statistics
 from lightning_kedit.editing.hparams import EditHyperParams
 from lightning_kedit.editing.keys import subject_states
 from lightning_kedit.editing.memit import add_to_weight

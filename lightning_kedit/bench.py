@@ -493,13 +493,13 @@ def run_bench(
     names = ([UNEDITED] if baseline else []) + [m.name for m in parsed]
     todo = {name: [n for n in ns if results.row(name, n) is None] for name in names}
     if any(todo[m.name] for m in parsed if m.method not in ("ft", "lifelong")):
-        from lightning_kedit.editing import editor
+        from lightning_kedit.editing import edit_inputs
 
         # Once, on the unedited weights, for the layers of every method: their fingerprint is part of the
         # statistics' cache key, and a sequential run (or its restored state) changes them.
         stat_layers = sorted({layer for m in parsed if m.method not in ("ft", "lifelong")
                               for layer in per_method[m.name].layers})
-        statistics = editor.resolve_statistics(model, tokenizer, stat_layers, statistics, progress=verbose)
+        statistics = edit_inputs.resolve_statistics(model, tokenizer, stat_layers, statistics, progress=verbose)
     context = _Context(tokenizer, requests, digests, statistics, per_method, target_cache or TargetCache(),
                        str(ppl_text) if ppl_text else None, ppl_tokens, eval_batch_size, batch_size, verbose)
     cells = [(UNEDITED, n, 0) for n in todo.get(UNEDITED, [])]

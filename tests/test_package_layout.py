@@ -261,7 +261,6 @@ def test_reader_resolves_reexports_relative_and_typing_only_imports(tmp_path: Pa
     assert sorted((p.importer, p.name) for p in private) == [("pkg.user", "_hidden"), ("pkg.user", "_other")]
 
 
-@pytest.mark.xfail(strict=True, reason="four import cycles in the tree until the layout move")
 def test_no_import_cycles() -> None:
     graph, _ = import_edges(read_package())
     cycles = find_cycles(graph)
@@ -287,7 +286,6 @@ def reaches(graph: Mapping[str, Iterable[str]], start: str, goal: str) -> bool:
     return False
 
 
-@pytest.mark.xfail(strict=True, reason="private helpers imported across modules until the layout move")
 def test_no_private_names_imported_across_modules() -> None:
     _, private = import_edges(read_package())
     lines = [f"{p.importer}:{p.line} reads {p.source}.{p.name}" for p in private]

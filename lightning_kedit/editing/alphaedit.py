@@ -38,6 +38,7 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_kedit.errors import KeditError
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.model_mode import eval_mode
 from lightning_kedit.requests import EditRequest
 
 from .delta import EditDelta
@@ -50,12 +51,13 @@ from .hparams import (
     HyperParamError,
     resolve_hparams,
 )
-from .keys import eval_mode, subject_states, template_weights
+from .keys import subject_states, template_weights
 from .memit import PhaseTimer, add_to_weight, check_statistics, temporary_updates
 from .nullspace import NULL_SPACE_RULES, alphaedit_factors, null_space_basis
 from .sharded import edit_templates
 from .solvers import LowRankUpdate, spread_residuals
-from .targets import NonFiniteEditError, TargetValues, compute_target_values
+from .target_values import TargetValues
+from .targets import NonFiniteEditError, compute_target_values
 
 if TYPE_CHECKING:
     from .target_cache import TargetCache
@@ -227,7 +229,7 @@ def compute_alphaedit(
         >>> delta = compute_alphaedit(model, tokenizer, requests, history=history, keys=found)  # doctest: +SKIP
         >>> delta.apply(model); history.push(delta, found)  # doctest: +SKIP
     """
-    from .editor import resolve_statistics
+    from .edit_inputs import resolve_statistics
 
     requests = list(requests)
     if not requests:

@@ -39,7 +39,8 @@ from .keys import subject_states, template_weights
 from .prefixes import context_templates  # noqa: F401 - callers read memit.context_templates
 from .sharded import edit_templates
 from .solvers import LowRankUpdate, memit_factors, spread_residuals
-from .targets import NonFiniteEditError, TargetValues, compute_target_values
+from .target_values import TargetValues
+from .targets import NonFiniteEditError, compute_target_values
 
 if TYPE_CHECKING:
     from .target_cache import TargetCache

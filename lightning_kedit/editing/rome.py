@@ -34,7 +34,8 @@ from .keys import subject_states, template_weights
 from .memit import PhaseTimer, check_statistics
 from .sharded import edit_templates
 from .solvers import LowRankUpdate, rome_factors
-from .targets import NonFiniteEditError, TargetValues, compute_target_values
+from .target_values import TargetValues
+from .targets import NonFiniteEditError, compute_target_values
 
 if TYPE_CHECKING:
     from .target_cache import TargetCache

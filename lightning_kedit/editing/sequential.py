@@ -38,7 +38,8 @@ from lightning_kedit.requests import EditRequest
 
 from .alphaedit import DEFAULT_ALPHA, DEFAULT_THRESHOLD, compute_alphaedit, null_space_bases
 from .delta import EditDelta
-from .editor import compute_edit, resolve_statistics
+from .edit_inputs import resolve_statistics
+from .editor import compute_edit
 from .history import EditHistory
 from .hparams import DEFAULT_NULLSPACE_RULE, METHODS, EditHyperParams
 

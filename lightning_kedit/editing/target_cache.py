@@ -44,7 +44,7 @@ from torch import nn
 
 from lightning_kedit.atomic_files import atomic_save_safetensors
 from lightning_kedit.editing.hparams import EditHyperParams
-from lightning_kedit.editing.targets import TargetValues
+from lightning_kedit.editing.target_values import TargetValues
 from lightning_kedit.models.fingerprint import fingerprint_digest, model_fingerprint
 from lightning_kedit.requests import EditRequest
 
@@ -204,7 +204,7 @@ class TargetCache:
             compute: computes the target values of a list of requests (called once, on the misses only).
 
         Returns:
-            :class:`~lightning_kedit.editing.targets.TargetValues` with one row per request, in order.
+            :class:`~lightning_kedit.editing.target_values.TargetValues` with one row per request, in order.
         """
         if not self.enabled:
             self.misses += len(requests)

@@ -46,9 +46,9 @@ from typing_extensions import override
 # Imported at run time, not only for type checking: LightningCLI (jsonargparse) reads the signature.
 from lightning_kedit.editing.damage_guard import DamageGuard
 from lightning_kedit.editing.hparams import METHODS, EditHyperParams, hparams_with_overrides
-from lightning_kedit.editing.keys import eval_mode
 from lightning_kedit.errors import KeditError
 from lightning_kedit.models import ModelAdapter
+from lightning_kedit.models.model_mode import eval_mode
 from lightning_kedit.requests import EditRequest
 from lightning_kedit.statistics import KeyStatistics
 
