@@ -11,9 +11,9 @@ import torch
 from conftest import shared_data
 from tiny_models import tiny_model
 
-from lightning_kedit import bench
 from lightning_kedit.bench import ResourceMeter, parse_counts, parse_methods, run_bench
-from lightning_kedit.bench_report import PLOT_FILE, ROW_KEYS, SEED_SUCCESS, TABLE_FILE, BenchError, success_table
+from lightning_kedit.bench import sequential as bench
+from lightning_kedit.bench.report import PLOT_FILE, ROW_KEYS, SEED_SUCCESS, TABLE_FILE, BenchError, success_table
 from lightning_kedit.editing import edit_inputs, editor
 from lightning_kedit.editing.delta import EditDelta
 from lightning_kedit.editing.history import EditHistory
@@ -248,7 +248,7 @@ def test_progress_lines_show_time_left(model_and_tokenizer, stub, tmp_path, caps
 
 
 def test_success_table_and_peak_memory():
-    from lightning_kedit.bench_report import BenchResults
+    from lightning_kedit.bench.report import BenchResults
 
     results = BenchResults("/tmp/unused", model="m", requests="r", fingerprint="f")
     results.rows.append({"method": "ft", "n": 10, "efficacy": 0.5})

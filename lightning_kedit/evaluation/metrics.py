@@ -1,6 +1,6 @@
 """Edit-quality metrics as torchmetrics ``Metric``\\ s, and ``evaluate_requests`` that computes them all.
 
-Every metric compares mean negative log-likelihoods (NLL, per answer token, see :mod:`lightning_kedit.scoring`).
+Every metric compares mean negative log-likelihoods (NLL, per answer token, see :mod:`.scoring`).
 For an expected answer :math:`e` and an alternative :math:`o` on one prompt, with :math:`p = \\exp(-\\mathrm{NLL})`
 the per-token geometric-mean probability,
 
@@ -19,7 +19,7 @@ model cannot tell the two answers apart). Means are over prompts.
   gold prefix, as zsRE is scored) and the probability form is the mean of :math:`p_e`;
 - token accuracy: the same measure for any answer (zsRE-style efficacy);
 - score: the harmonic mean of the efficacy, paraphrase and neighbourhood rates (ROME/MEMIT "S");
-- perplexity: :math:`\\exp(-\\sum \\log p / N)` over the tokens of a text (see :mod:`lightning_kedit.perplexity`).
+- perplexity: :math:`\\exp(-\\sum \\log p / N)` over the tokens of a text (see :mod:`.perplexity`).
 
 All states are sums, so they reduce across processes by sum.
 
@@ -44,9 +44,9 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_kedit.errors import KeditError
-from lightning_kedit.perplexity import perplexity
+from lightning_kedit.evaluation.perplexity import perplexity
+from lightning_kedit.evaluation.scoring import score_answers
 from lightning_kedit.requests import EditRequest
-from lightning_kedit.scoring import score_answers
 
 __all__ = [
     "EditConsistency",
@@ -168,7 +168,7 @@ class EditTokenAccuracy(Metric):
     """Mean over prompts of the fraction of answer tokens predicted by argmax given the gold prefix.
 
     ``update(accuracy, nll)`` takes per-prompt token accuracies and mean NLLs (see
-    :class:`lightning_kedit.scoring.AnswerScores`).
+    :class:`lightning_kedit.evaluation.scoring.AnswerScores`).
 
     Args:
         form: ``"rate"`` (mean token accuracy) or ``"prob"`` (mean per-token probability ``exp(-nll)``).
