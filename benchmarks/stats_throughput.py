@@ -73,8 +73,8 @@ def make_batches(tokenizer: Any, text: Path, tokens: int, window: int, batch_siz
 
 
 def phases(model: Any, tokenizer: Any, layers: list[int], batches: Iterable[tuple[Any, Any]], tokens: int) -> dict:
-    from lightning_kedit.hooks import run_until
     from lightning_kedit.models import ModelAdapter
+    from lightning_kedit.models.forward_hooks import run_until
     from lightning_kedit.statistics import collect_key_statistics
 
     stop = ModelAdapter.for_model(model).mlp_out(layers[-1])

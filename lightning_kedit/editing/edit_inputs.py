@@ -1,7 +1,8 @@
 """What an edit is computed with when the caller leaves it open: the key statistics and the edit layers.
 
 :func:`resolve_statistics` turns given statistics, a statistics file or None (the cached statistics of the
-bundled corpus) into ``KeyStatistics``; :func:`auto_edit_layers` chooses edit layers by causal tracing.
+bundled corpus) into ``KeyStatistics``, and :func:`check_statistics` refuses statistics that do not fit the
+model; :func:`auto_edit_layers` chooses edit layers by causal tracing.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_kedit.errors import KeditError
+from lightning_kedit.errors import KeditError, StatisticsMismatchError
+from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.requests import EditRequest
 
 from .hparams import EditHyperParams
 
-__all__ = ["auto_edit_layers", "resolve_statistics"]
+__all__ = ["auto_edit_layers", "check_statistics", "resolve_statistics"]
 
 
 def resolve_statistics(
@@ -58,3 +60,20 @@ def auto_edit_layers(
 
     size = len(EditHyperParams.for_model(model, method).layers)
     return choose_edit_layers(model, tokenizer, requests, window=size)
+
+
+def check_statistics(statistics: object, adapter: ModelAdapter, layers: Sequence[int]) -> None:
+    """Refuse statistics that lack a layer or whose key size differs from the model's."""
+    held = list(getattr(statistics, "layers", []))
+    missing = [layer for layer in layers if layer not in held]
+    if missing:
+        raise StatisticsMismatchError(
+            f"the key statistics hold layers {held} but the edit needs {missing}; collect statistics for layers "
+            f"{list(layers)} (kedit stats --layers {','.join(map(str, layers))})"
+        )
+    size = statistics.second_moment(layers[0]).shape[0]  # type: ignore[attr-defined]
+    if size != adapter.key_size:
+        raise StatisticsMismatchError(
+            f"the key statistics have key size {size} but {adapter.model_type} has {adapter.key_size}: "
+            "they were collected on another model"
+        )

@@ -22,7 +22,8 @@ from lightning_kedit.requests import EditRequest
 from .delta import EditDelta
 from .edit_inputs import auto_edit_layers, resolve_statistics
 from .hparams import EditHyperParams, resolve_hparams
-from .memit import PhaseTimer, memit_updates
+from .memit import memit_updates
+from .phase_timer import PhaseTimer
 from .rome import rome_updates
 from .sharded import check_sharded_edit
 

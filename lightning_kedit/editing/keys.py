@@ -21,8 +21,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_kedit.errors import KeditError
-from lightning_kedit.hooks import input_hooks, output_hooks, run_until
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.forward_hooks import input_hooks, output_hooks, run_until
 from lightning_kedit.models.model_mode import eval_mode
 from lightning_kedit.requests import EditRequest
 

@@ -320,7 +320,7 @@ def compute_lifelong(
         KeditError: a non-positive step or ridge, an answer that cannot be told from its prompt, or a
             non-finite update.
     """
-    from .memit import PhaseTimer
+    from .phase_timer import PhaseTimer
 
     step = float(hparams.extra.get("step", DEFAULT_STEP))
     ridge = float(hparams.extra.get("ridge", DEFAULT_RIDGE))

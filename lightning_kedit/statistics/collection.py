@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from lightning_kedit.errors import KeditError
 from lightning_kedit.evaluation.text_windows import text_windows, window_batches
-from lightning_kedit.hooks import input_hooks, run_until
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.forward_hooks import input_hooks, run_until
 from lightning_kedit.statistics.key_statistics import KeyStatistics
 
 __all__ = [
