@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppl-tokens", type=int, default=4096)
     parser.add_argument("--out", default="benchmarks/results/models.json")
     args = parser.parse_args(argv)
-    from lightning_kedit.atomic_files import atomic_write_json
+    from lightning_kedit.files import atomic_write_json
 
     out = Path(args.out)
     rows: dict[str, Any] = json.loads(out.read_text())["rows"] if out.is_file() else {}

@@ -22,6 +22,7 @@ from lightning_kedit.editing.history import EditHistory
 from lightning_kedit.editing.hparams import METHODS, EditHyperParams
 from lightning_kedit.editing.target_cache import TargetCache, request_digest
 from lightning_kedit.evaluation.metrics import evaluate_requests
+from lightning_kedit.files import short_digest
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import weights_hash
 from lightning_kedit.requests import EditRequest
@@ -198,7 +199,7 @@ class BenchContext:
 
     def settings_digest(self, method: BenchMethod) -> str:
         payload = json.dumps([self.hparams[method.name].to_dict(), self.batch_size], sort_keys=True)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+        return short_digest(payload, 16)
 
 
 def run_batch_cells(model: nn.Module, method: BenchMethod, counts: list[int], context: BenchContext,

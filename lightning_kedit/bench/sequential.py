@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightning_kedit.atomic_files import atomic_save_safetensors
 from lightning_kedit.bench.cells import BenchContext, BenchMethod, layer_weights, restore_weights
 from lightning_kedit.bench.report import BenchResults, ProgressPrinter
 from lightning_kedit.bench.resource_meter import ResourceMeter
 from lightning_kedit.editing.history import EditHistory, HistoryError
+from lightning_kedit.files import atomic_save_safetensors
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import weights_hash
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_kedit.atomic_files import atomic_write_json
+from lightning_kedit.files import atomic_write_json
 
 __all__ = ["COMMANDS", "build_parser", "main", "write_json"]
 

@@ -19,11 +19,11 @@ import os
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lightning_kedit.atomic_files import atomic_save_safetensors
 from lightning_kedit.editing.delta_view import DeltaClass, DeltaView
 from lightning_kedit.editing.layer_update import LayerUpdate
 from lightning_kedit.editing.solvers import LowRankUpdate
 from lightning_kedit.errors import DeltaError, DeltaFileError
+from lightning_kedit.files import atomic_save_safetensors
 from lightning_kedit.models.fingerprint import weights_hash
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "delta_metadata", "load_delta", "save_delta"]

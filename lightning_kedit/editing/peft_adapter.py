@@ -36,12 +36,12 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from lightning_kedit.atomic_files import atomic_directory
 from lightning_kedit.editing.delta_file import delta_metadata
 from lightning_kedit.editing.delta_view import DeltaClass, DeltaView
 from lightning_kedit.editing.layer_update import LayerUpdate, compact_update
 from lightning_kedit.editing.solvers import LowRankUpdate
 from lightning_kedit.errors import DeltaError, DeltaFileError, DeltaMismatchError
+from lightning_kedit.files import atomic_directory
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import weights_hash
 from lightning_kedit.models.sharding import full_weight

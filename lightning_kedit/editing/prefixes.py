@@ -22,8 +22,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_kedit.atomic_files import atomic_write_json
-from lightning_kedit.models.loading import cache_dir
+from lightning_kedit.files import atomic_write_json, cache_dir
 
 __all__ = ["OPENINGS", "context_templates", "generate_prefixes", "generate_templates", "model_digest"]
 

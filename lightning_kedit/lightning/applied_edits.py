@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_kedit.errors import KeditError
+from lightning_kedit.files import short_digest
 from lightning_kedit.requests import EditRequest
 
 if TYPE_CHECKING:
@@ -92,7 +92,7 @@ def requests_source(
     if not listed or not all(isinstance(r, EditRequest) for r in listed):
         raise KeditError("`requests` must be a request file or a non-empty sequence of EditRequest")
     ids = "\n".join(r.case_id for r in listed[:n_requests])
-    return listed[:n_requests], "ids:" + hashlib.sha256(ids.encode()).hexdigest()[:16]
+    return listed[:n_requests], "ids:" + short_digest(ids, 16)
 
 
 def read_requests(source: Path | list[EditRequest], n_requests: int | None) -> list[EditRequest]:

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from lightning_kedit.atomic_files import atomic_write_text
 from lightning_kedit.errors import RequestFormatError
+from lightning_kedit.files import atomic_write_text
 from lightning_kedit.requests.edit_request import EditRequest, PromptAnswer
 
 __all__ = [

@@ -300,8 +300,8 @@ def statistics_cache_path(
     The digest covers the model fingerprint (model type, sizes, the edit layers' weights, the tokenizer
     vocabulary) and the collection settings, so that other data or another budget is another entry.
     """
+    from lightning_kedit.files import cache_dir
     from lightning_kedit.models.fingerprint import fingerprint_digest, model_fingerprint
-    from lightning_kedit.models.loading import cache_dir
 
     settings = f"{describe_source(source)}|{max_tokens}|{window}|{skip_bos}"
     if product_dtype not in (None, torch.float64):
