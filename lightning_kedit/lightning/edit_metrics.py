@@ -23,8 +23,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_kedit.errors import KeditError
 from lightning_kedit.requests import EditRequest
+
+from .configuration_error import KeditConfigurationError
 
 __all__ = ["EDIT_METRICS", "announce_edit", "edit_metric_values", "evaluate_edit", "log_edit_metrics", "metric_names"]
 
@@ -42,7 +43,7 @@ def metric_names(metrics: bool | Sequence[str]) -> tuple[str, ...]:
     names = list(EDIT_METRICS) if metrics is True else [] if metrics is False else list(metrics)
     bad = [m for m in names if m not in EDIT_METRICS]
     if bad:
-        raise KeditError(f"`metrics` has unknown names {bad}; choose from {EDIT_METRICS}")
+        raise KeditConfigurationError(f"`metrics` has unknown names {bad}; choose from {EDIT_METRICS}")
     return tuple(names)
 
 
