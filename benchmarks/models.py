@@ -68,7 +68,7 @@ def find_or_assemble(name: str, models_dir: Path) -> Path:
 
 
 def _evaluate(model: Any, tokenizer: Any, requests: list[Any], ppl_tokens: int) -> dict[str, Any]:
-    from lightning_kedit.evaluation.metrics import evaluate_requests
+    from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 
     return evaluate_requests(model, tokenizer, requests, ppl_text=DATA / "text" / "wikitext2_test.txt",
                              ppl_tokens=ppl_tokens)

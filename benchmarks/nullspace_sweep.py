@@ -31,7 +31,7 @@ from lightning_kedit.editing.nullspace import null_space_basis
 from lightning_kedit.editing.prefixes import context_templates
 from lightning_kedit.editing.targets import compute_target_values
 from lightning_kedit.editing.weight_edits import add_to_weight
-from lightning_kedit.evaluation.metrics import evaluate_requests
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.requests import load_requests
 

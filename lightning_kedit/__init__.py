@@ -33,9 +33,9 @@ from lightning_kedit.evaluation.metrics import (
     EditScore,
     EditSpecificity,
     EditTokenAccuracy,
-    evaluate_requests,
 )
 from lightning_kedit.evaluation.perplexity import Perplexity, perplexity
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.evaluation.scoring import answer_log_probs, answer_nll
 from lightning_kedit.models import (
     ADAPTER_TABLE,

@@ -11,7 +11,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_kedit import load_requests
-from lightning_kedit.evaluation.metrics import evaluate_requests
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.lightning import KnowledgeEditCallback, KnowledgeEditModule, TextDataModule
 
 pytestmark = pytest.mark.integration

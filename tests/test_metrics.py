@@ -19,11 +19,10 @@ from lightning_kedit.evaluation.metrics import (
     EditScore,
     EditSpecificity,
     EditTokenAccuracy,
-    evaluate_requests,
     preference_probability,
-    score_requests,
 )
 from lightning_kedit.evaluation.perplexity import Perplexity, perplexity, text_windows
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests, score_requests
 from lightning_kedit.requests import EditRequest, PromptAnswer
 
 REQUESTS = [

@@ -21,7 +21,7 @@ from lightning_kedit.bench.resource_meter import ResourceMeter
 from lightning_kedit.editing.history import EditHistory
 from lightning_kedit.editing.hparams import METHODS, EditHyperParams
 from lightning_kedit.editing.target_cache import TargetCache, request_digest
-from lightning_kedit.evaluation.metrics import evaluate_requests
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.files import short_digest
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import weights_hash

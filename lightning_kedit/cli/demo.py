@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Edit, show, measure, revert."""
     from lightning_kedit.editing.editor import compute_edit
     from lightning_kedit.editing.hparams import EditHyperParams
-    from lightning_kedit.evaluation.metrics import evaluate_requests
+    from lightning_kedit.evaluation.request_evaluation import evaluate_requests
     from lightning_kedit.models.loading import load_model
     from lightning_kedit.requests import bundled_requests
     from lightning_kedit.statistics import load_or_collect_statistics

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds: dict[str, float] = {"load": time.perf_counter() - start}
     before = after = None
     if not args.no_eval:
-        from lightning_kedit.evaluation.metrics import evaluate_requests
+        from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 
         before = evaluate_requests(model, tokenizer, requests)
     delta = compute_edit(model, tokenizer, requests, method=args.method, hparams=hp, statistics=args.stats,

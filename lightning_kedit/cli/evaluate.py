@@ -112,7 +112,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load the model and requests, apply ``--delta`` if given, evaluate, print the table, return the dict."""
-    from lightning_kedit.evaluation.metrics import evaluate_requests
+    from lightning_kedit.evaluation.request_evaluation import evaluate_requests
     from lightning_kedit.models import load_model
 
     _check_arguments(args)

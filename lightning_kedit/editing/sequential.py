@@ -215,7 +215,7 @@ def chain_report(
 ) -> dict[str, Any]:
     """Edit chains (all hops of a record together) and report multi-hop accuracy before and after.
 
-    The multi-hop accuracy is the consistency rate of :func:`~lightning_kedit.evaluation.metrics.evaluate_requests`: the
+    The multi-hop accuracy is the consistency rate of ``evaluation.request_evaluation.evaluate_requests``: the
     token accuracy of each request's ``consistency`` answers (the answers implied by the edited hops). The
     model is left edited; the returned ``history`` reverts it.
 
@@ -226,7 +226,7 @@ def chain_report(
     Raises:
         KeditError: no request carries a consistency prompt (there is nothing to measure).
     """
-    from lightning_kedit.evaluation.metrics import evaluate_requests
+    from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 
     if not any(r.consistency for r in requests):
         raise KeditError("no request has consistency prompts (multi-hop questions); chain_report needs them")

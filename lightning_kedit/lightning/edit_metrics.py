@@ -1,6 +1,6 @@
 """The metrics the callback reports after each edit: measured before and after, logged, and summarised.
 
-The edit metrics are those of :func:`~lightning_kedit.evaluation.metrics.evaluate_requests` on the edited requests
+The edit metrics are those of ``evaluation.request_evaluation.evaluate_requests`` on the edited requests
 (efficacy, paraphrase, neighbourhood, consistency, score) and, with a text, its perplexity. After an edit they
 are reported with the number of facts and the seconds it took, as ``edit/<name>`` (the value after the edit)
 and ``edit/<name>_before``, through ``LightningModule.log`` inside hooks where logging is allowed, and
@@ -58,7 +58,7 @@ def evaluate_edit(
     """The current values of ``metrics`` on ``requests`` (``{}`` when none is asked for)."""
     if not metrics:
         return {}
-    from lightning_kedit.evaluation.metrics import evaluate_requests
+    from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 
     text = ppl_text if "perplexity" in metrics else None
     return evaluate_requests(model, tokenizer, list(requests), ppl_text=text, ppl_tokens=ppl_tokens)

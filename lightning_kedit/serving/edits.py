@@ -196,7 +196,7 @@ class EditAPI(ls.LitAPI):
 
     def _edit_attempts(self, batch: list[_Submission], requests: list[EditRequest]) -> list[dict[str, Any]]:
         from lightning_kedit.editing.editor import compute_edit
-        from lightning_kedit.evaluation.metrics import evaluate_requests
+        from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 
         for _ in range(_ATTEMPTS):
             start = time.perf_counter()
