@@ -23,7 +23,7 @@ import torch
 
 from lightning_kedit.editing import EditHyperParams, compute_edit
 from lightning_kedit.editing.target_cache import TargetCache
-from lightning_kedit.metrics import evaluate_requests
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.models import load_model
 from lightning_kedit.requests import load_requests
 from lightning_kedit.tracing import choose_edit_layers

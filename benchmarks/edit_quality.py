@@ -28,7 +28,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def _evaluate(model: Any, tokenizer: Any, requests: list[Any], ppl_tokens: int) -> dict[str, Any]:
-    from lightning_kedit.metrics import evaluate_requests
+    from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 
     ppl_text = DATA / "text" / "wikitext2_test.txt" if ppl_tokens else None
     return evaluate_requests(model, tokenizer, requests, ppl_text=ppl_text, ppl_tokens=ppl_tokens)

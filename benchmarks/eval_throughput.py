@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from lightning_kedit.metrics import evaluate_requests, score_requests
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests, score_requests
+from lightning_kedit.evaluation.scoring import _batches, _pad, _plan_sequences, encode_pairs
 from lightning_kedit.models import load_model
 from lightning_kedit.requests import load_requests
-from lightning_kedit.scoring import _batches, _pad, _plan_sequences, encode_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

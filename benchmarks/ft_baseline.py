@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from lightning_kedit.editing.finetune import compute_finetune_delta
-from lightning_kedit.metrics import evaluate_requests
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.models import load_model
 from lightning_kedit.requests import load_requests
 

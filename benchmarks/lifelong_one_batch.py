@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from lightning_kedit.editing import EditHyperParams, compute_edit
-from lightning_kedit.metrics import evaluate_requests
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.models.loading import load_model
 from lightning_kedit.requests import load_requests
 

@@ -75,7 +75,7 @@ def find_or_assemble(name: str, models_dir: Path) -> Path:
 
 
 def _evaluate(model: Any, tokenizer: Any, requests: list[Any], ppl_tokens: int) -> dict[str, Any]:
-    from lightning_kedit.metrics import evaluate_requests
+    from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 
     result = evaluate_requests(model, tokenizer, requests, ppl_text=DATA / "text" / "wikitext2_test.txt",
                                ppl_tokens=ppl_tokens)
@@ -85,7 +85,7 @@ def _evaluate(model: Any, tokenizer: Any, requests: list[Any], ppl_tokens: int) 
 def setting_hparams(model: Any, tokenizer: Any, requests: list[Any], setting: str) -> Any:
     """The hyper-parameters of a named setting (see the module's docstring)."""
     from lightning_kedit import EditHyperParams, load_requests
-    from lightning_kedit.editing.editor import auto_edit_layers
+    from lightning_kedit.editing.edit_inputs import auto_edit_layers
 
     hparams = EditHyperParams.for_model(model, "memit")
     name, _, value = setting.partition(":")
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from lightning_kedit import load_model, load_requests
-    from lightning_kedit.atomic_files import atomic_write_json
+    from lightning_kedit.files import atomic_write_json
 
     torch.set_num_threads(2)
     out = Path(args.out)

@@ -24,14 +24,14 @@ import torch
 
 from lightning_kedit import load_model
 from lightning_kedit.editing import alphaedit
-from lightning_kedit.editing.editor import resolve_statistics
+from lightning_kedit.editing.edit_inputs import resolve_statistics
 from lightning_kedit.editing.hparams import EditHyperParams
 from lightning_kedit.editing.keys import subject_states
-from lightning_kedit.editing.memit import add_to_weight
 from lightning_kedit.editing.nullspace import null_space_basis
 from lightning_kedit.editing.prefixes import context_templates
 from lightning_kedit.editing.targets import compute_target_values
-from lightning_kedit.metrics import evaluate_requests
+from lightning_kedit.editing.weight_edits import add_to_weight
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.requests import load_requests
 

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from lightning_kedit.bench import read_sequential_state
-from lightning_kedit.editing.memit import temporary_updates
-from lightning_kedit.metrics import evaluate_requests
+from lightning_kedit.editing.weight_edits import temporary_updates
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import weights_hash
 from lightning_kedit.models.loading import load_model

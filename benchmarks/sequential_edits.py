@@ -5,7 +5,7 @@ sequential MEMIT, ROME and AlphaEdit hold up as edits accumulate?
 
 For each method the script writes ``--n`` requests in batches of ``--batch-size`` with
 :func:`lightning_kedit.editing.edit_sequentially`; after every batch the callback evaluates all requests
-written so far (:func:`lightning_kedit.metrics.evaluate_requests`) and the perplexity of the first
+written so far (:func:`lightning_kedit.evaluation.request_evaluation.evaluate_requests`) and the perplexity of the first
 ``--ppl-tokens`` tokens of ``--ppl-text``. The unedited model is evaluated on the same request prefixes. At the
 end the whole sequence is reverted with ``history.revert(model, len(history))`` and the weights are checked
 bit-exact. Rows go to a JSON file after every batch (a killed run keeps what it measured), a table to stdout,
@@ -29,7 +29,7 @@ import torch
 
 from lightning_kedit.editing import EditHyperParams
 from lightning_kedit.editing.sequential import SequentialStep, edit_sequentially
-from lightning_kedit.metrics import evaluate_requests
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.loading import load_model
 from lightning_kedit.requests import load_requests

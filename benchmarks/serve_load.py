@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the te
 
 from serve_helpers import WRITE_KEY, Server, call
 
-from lightning_kedit.atomic_files import atomic_write_json
+from lightning_kedit.files import atomic_write_json
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "counterfact" / "counterfact-val.json"
 

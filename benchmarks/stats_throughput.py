@@ -66,15 +66,15 @@ def peak_extra_memory(fn: Callable[[], Any]) -> tuple[Any, int]:
 
 
 def make_batches(tokenizer: Any, text: Path, tokens: int, window: int, batch_size: int) -> list[tuple[Any, Any]]:
-    from lightning_kedit.text_windows import text_windows, window_batches
+    from lightning_kedit.evaluation.text_windows import text_windows, window_batches
 
     windows = text_windows(tokenizer, text, window, max_tokens=tokens)
     return list(window_batches(windows, batch_size, tokenizer.pad_token_id or 0))
 
 
 def phases(model: Any, tokenizer: Any, layers: list[int], batches: Iterable[tuple[Any, Any]], tokens: int) -> dict:
-    from lightning_kedit.hooks import run_until
     from lightning_kedit.models import ModelAdapter
+    from lightning_kedit.models.forward_hooks import run_until
     from lightning_kedit.statistics import collect_key_statistics
 
     stop = ModelAdapter.for_model(model).mlp_out(layers[-1])

@@ -67,7 +67,7 @@ def import_layer_stats(checkout: Path, samples: list[str]) -> Any:
 
 def token_batches(tokenizer: Any, samples: list[str], max_length: int, batch_tokens: int) -> list[tuple[Any, Any]]:
     """The samples tokenised as EasyEdit does (``encode``, cut at ``max_length``), packed by length, padded."""
-    from lightning_kedit.text_windows import window_batches
+    from lightning_kedit.evaluation.text_windows import window_batches
 
     sequences = sorted((tokenizer.encode(text, truncation=True, max_length=max_length) for text in samples), key=len)
     groups: list[list[list[int]]] = [[]]

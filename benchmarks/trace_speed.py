@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from lightning_kedit.hooks import output_hooks
 from lightning_kedit.models import ModelAdapter, load_model
+from lightning_kedit.models.forward_hooks import output_hooks
 from lightning_kedit.tracing import KINDS, TraceResult, causal_trace, restored_layers
 
 
@@ -187,7 +187,7 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({**result, "trace": trace.to_dict()}, indent=2) + "\n")
     if args.figures:
-        from lightning_kedit.tracing_plots import save_trace_figures
+        from lightning_kedit.tracing.plots import save_trace_figures
 
         save_trace_figures(trace, args.figures)
 

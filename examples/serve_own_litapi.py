@@ -45,7 +45,7 @@ class ScoreAPI(ls.LitAPI):
 
     def predict(self, request: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         version = self.follower.sync()  # 2: between batches, bring the weights to the committed version
-        from lightning_kedit.scoring import answer_log_probs
+        from lightning_kedit.evaluation.scoring import answer_log_probs
 
         with torch.no_grad():
             log_prob, _ = answer_log_probs(self.model, self.tokenizer, [request["prompt"]], [request["answer"]])

@@ -26,15 +26,17 @@ from lightning_kedit.editing.damage_guard import DamageGuard, DamageReport, Edit
 from lightning_kedit.editing.history import EditHistory
 from lightning_kedit.editing.sequential import edit_sequentially
 from lightning_kedit.errors import KeditError, ModelLoadError, RequestFormatError, StatisticsMismatchError
-from lightning_kedit.metrics import (
+from lightning_kedit.evaluation.metrics import (
     EditConsistency,
     EditEfficacy,
     EditGeneralization,
     EditScore,
     EditSpecificity,
     EditTokenAccuracy,
-    evaluate_requests,
 )
+from lightning_kedit.evaluation.perplexity import Perplexity, perplexity
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
+from lightning_kedit.evaluation.scoring import answer_log_probs, answer_nll
 from lightning_kedit.models import (
     ADAPTER_TABLE,
     AdapterSpec,
@@ -46,7 +48,6 @@ from lightning_kedit.models import (
     register_adapter,
 )
 from lightning_kedit.models.fingerprint import model_fingerprint
-from lightning_kedit.perplexity import Perplexity, perplexity
 from lightning_kedit.requests import (
     EditRequest,
     PromptAnswer,
@@ -55,7 +56,6 @@ from lightning_kedit.requests import (
     load_requests,
     save_requests,
 )
-from lightning_kedit.scoring import answer_log_probs, answer_nll
 from lightning_kedit.statistics import (
     KeyStatistics,
     collect_key_statistics,

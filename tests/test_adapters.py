@@ -5,8 +5,8 @@ import torch
 from tiny_models import ARCHITECTURES, tiny_model
 
 from lightning_kedit import AdapterSpec, ModelAdapter, UnsupportedModelError, default_edit_layers, register_adapter
-from lightning_kedit.hooks import capture_inputs, capture_outputs, first_tensor, run_until
 from lightning_kedit.models.adapters import ADAPTER_TABLE
+from lightning_kedit.models.forward_hooks import capture_inputs, capture_outputs, first_tensor, run_until
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)

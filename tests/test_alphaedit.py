@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from lightning_kedit.editing import compute_edit, memit
+from lightning_kedit.editing import compute_edit, memit, weight_edits
 from lightning_kedit.editing.alphaedit import DEFAULT_ALPHA, DEFAULT_THRESHOLD, alphaedit_updates, compute_alphaedit
 from lightning_kedit.editing.history import EditHistory
 from lightning_kedit.editing.hparams import METHODS, EditHyperParams, HyperParamError, resolve_hparams
@@ -180,7 +180,7 @@ def test_tiny_model_keeps_preserved_outputs_and_writes_the_edited_keys(tokenizer
     states = subject_states(model, tokenizer, REQUESTS, templates, key_layers=[2], out_layer=2)
     torch.testing.assert_close(keys[2], states.keys[2])
     torch.testing.assert_close(keys[2] @ delta.T, values.delta, rtol=0, atol=1e-6)  # edited keys reach h + δ
-    memit.add_to_weight(ModelAdapter.for_model(model), 2, delta)
+    weight_edits.add_to_weight(ModelAdapter.for_model(model), 2, delta)
     after = subject_states(model, tokenizer, REQUESTS, templates, key_layers=[2], out_layer=2).outputs
     torch.testing.assert_close(after, states.outputs + values.delta, rtol=1e-3, atol=1e-3)
 

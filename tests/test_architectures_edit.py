@@ -15,7 +15,7 @@ import torch
 from test_memit import REQUESTS, TEMPLATES, hparams, peaky, statistics_for
 from tiny_models import ARCHITECTURES, tiny_tokenizer
 
-from lightning_kedit.editing import memit, rome
+from lightning_kedit.editing import memit, rome, weight_edits
 from lightning_kedit.editing.keys import subject_states
 from lightning_kedit.editing.targets import compute_target_values
 from lightning_kedit.errors import KeditError
@@ -49,8 +49,8 @@ def test_memit_reaches_the_target_hidden_state(model_type):
     before = _hidden(model, tokenizer).outputs
     factors, values = run()
     adapter = ModelAdapter.for_model(model)
-    with memit.temporary_updates(adapter, [LAYER]):
-        memit.add_to_weight(adapter, LAYER, factors[LAYER].dense())
+    with weight_edits.temporary_updates(adapter, [LAYER]):
+        weight_edits.add_to_weight(adapter, LAYER, factors[LAYER].dense())
         after = _hidden(model, tokenizer).outputs
     target = before + values.delta
     # Relative to the size of the move: the residual MEMIT solved for is reached.
@@ -77,8 +77,8 @@ def test_rome_hits_its_key_value_and_the_target_hidden_state(model_type):
     wanted = weight @ key + values.delta[0]
     # The rank-one update maps the key to v* = W k + δ exactly (float64 arithmetic).
     torch.testing.assert_close((weight + factors[LAYER].dense()) @ key, wanted, rtol=1e-9, atol=1e-9)
-    with memit.temporary_updates(adapter, [LAYER]):
-        memit.add_to_weight(adapter, LAYER, factors[LAYER].dense())
+    with weight_edits.temporary_updates(adapter, [LAYER]):
+        weight_edits.add_to_weight(adapter, LAYER, factors[LAYER].dense())
         after = subject_states(model, tokenizer, requests, TEMPLATES, key_layers=[LAYER], out_layer=LAYER).outputs
     error = (after - (states.outputs + values.delta)).norm(dim=-1) / values.delta.norm(dim=-1)
     assert (error < 1e-3).all(), f"{model_type}: relative error {error.tolist()}"

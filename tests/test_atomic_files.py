@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_kedit.atomic_files import (
+from lightning_kedit.files import (
     atomic_directory,
     atomic_path,
     atomic_save_safetensors,
@@ -156,10 +156,10 @@ def test_two_processes_build_the_same_cache_entries_at_once(tmp_path):
 
 
 def test_one_atomic_writer_in_the_package():
-    """Every rename into place is in atomic_files.py: no module writes its own temporary file."""
+    """Every rename into place is in files.py: no module writes its own temporary file."""
     offenders = []
     for path in PACKAGE.rglob("*.py"):
-        if path.name == "atomic_files.py":
+        if path == PACKAGE / "files.py":
             continue
         text = "\n".join(line for line in path.read_text().splitlines() if ">>>" not in line)  # not examples
         for needle in ("os.replace(", ".rename(", "mkstemp(", "mkdtemp(", ".tmp\"", ".partial"):

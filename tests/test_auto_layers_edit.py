@@ -4,7 +4,7 @@ import pytest
 from tiny_models import tiny_model, tiny_tokenizer
 
 from lightning_kedit import KeditError, bundled_requests, choose_edit_layers, compute_edit
-from lightning_kedit.editing.editor import auto_edit_layers
+from lightning_kedit.editing.edit_inputs import auto_edit_layers
 
 
 def test_layers_auto_edits_where_tracing_points(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -11,15 +11,15 @@ import torch
 from conftest import shared_data
 from tiny_models import tiny_model
 
-from lightning_kedit import bench
 from lightning_kedit.bench import ResourceMeter, parse_counts, parse_methods, run_bench
-from lightning_kedit.bench_report import PLOT_FILE, ROW_KEYS, SEED_SUCCESS, TABLE_FILE, BenchError, success_table
-from lightning_kedit.editing import editor
+from lightning_kedit.bench import sequential as bench
+from lightning_kedit.bench.report import PLOT_FILE, ROW_KEYS, SEED_SUCCESS, TABLE_FILE, BenchError, success_table
+from lightning_kedit.editing import edit_inputs, editor
 from lightning_kedit.editing.delta import EditDelta
 from lightning_kedit.editing.history import EditHistory
 from lightning_kedit.editing.hparams import EditHyperParams
 from lightning_kedit.editing.target_cache import TargetCache, request_digest
-from lightning_kedit.editing.targets import TargetValues
+from lightning_kedit.editing.target_values import TargetValues
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.requests import bundled_requests
 
@@ -58,7 +58,7 @@ def _one_thread(request):
 def stub(monkeypatch):
     editor_stub = StubEditor()
     monkeypatch.setattr(editor, "compute_edit", editor_stub.compute_edit)
-    monkeypatch.setattr(editor, "resolve_statistics", lambda *args, **kwargs: None)
+    monkeypatch.setattr(edit_inputs, "resolve_statistics", lambda *args, **kwargs: None)
     return editor_stub
 
 
@@ -134,7 +134,7 @@ def test_interrupted_run_keeps_finished_cells_and_resumes(model_and_tokenizer, m
     before = _weights(model)
     failing = StubEditor(fail_at=4)  # memit 1, memit 3, rome 1, then interrupted in the sequential run
     monkeypatch.setattr(editor, "compute_edit", failing.compute_edit)
-    monkeypatch.setattr(editor, "resolve_statistics", lambda *args, **kwargs: None)
+    monkeypatch.setattr(edit_inputs, "resolve_statistics", lambda *args, **kwargs: None)
     with pytest.raises(KeyboardInterrupt):
         _bench(model_and_tokenizer, tmp_path / "out", tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(before, _weights(model), strict=True))
@@ -150,7 +150,7 @@ def test_sequential_run_resumes_between_evaluations(model_and_tokenizer, monkeyp
     monkeypatch.setattr(bench, "CHECKPOINT_SECONDS", 0.0)  # a checkpoint after every edit
     failing = StubEditor(fail_at=4)  # rome 1 (evaluated), rome 2, rome 3, then interrupted on the way to 6
     monkeypatch.setattr(editor, "compute_edit", failing.compute_edit)
-    monkeypatch.setattr(editor, "resolve_statistics", lambda *args, **kwargs: None)
+    monkeypatch.setattr(edit_inputs, "resolve_statistics", lambda *args, **kwargs: None)
     with pytest.raises(KeyboardInterrupt):
         _bench(model_and_tokenizer, tmp_path / "a", tmp_path, methods="rome-seq", counts="1,6")
     resumed = StubEditor()
@@ -162,11 +162,11 @@ def test_sequential_run_resumes_between_evaluations(model_and_tokenizer, monkeyp
         seen.append(all(torch.equal(a, b) for a, b in zip(unedited, _weights(model), strict=True)))
         return object()
 
-    monkeypatch.setattr(editor, "resolve_statistics", resolve)
+    monkeypatch.setattr(edit_inputs, "resolve_statistics", resolve)
     _bench(model_and_tokenizer, tmp_path / "a", tmp_path, methods="rome-seq", counts="1,6")
     assert resumed.calls == [("rome", 1)] * 3  # edits 4-6: the first three were saved
     assert seen == [True]
-    monkeypatch.setattr(editor, "resolve_statistics", lambda *args, **kwargs: None)
+    monkeypatch.setattr(edit_inputs, "resolve_statistics", lambda *args, **kwargs: None)
     monkeypatch.setattr(bench, "CHECKPOINT_SECONDS", 300.0)
     _bench(model_and_tokenizer, tmp_path / "b", tmp_path, methods="rome-seq", counts="1,6")
     rows_a, rows_b = (
@@ -248,7 +248,7 @@ def test_progress_lines_show_time_left(model_and_tokenizer, stub, tmp_path, caps
 
 
 def test_success_table_and_peak_memory():
-    from lightning_kedit.bench_report import BenchResults
+    from lightning_kedit.bench.report import BenchResults
 
     results = BenchResults("/tmp/unused", model="m", requests="r", fingerprint="f")
     results.rows.append({"method": "ft", "n": 10, "efficacy": 0.5})

@@ -10,7 +10,7 @@ from conftest import shared_data
 from tiny_models import _CORPUS, tiny_model, tiny_tokenizer
 
 from lightning_kedit.cli import main
-from lightning_kedit.metrics import evaluate_requests
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.requests import load_requests
 
 KEYS = ["n", "efficacy", "paraphrase", "neighborhood", "consistency", "score", "efficacy_prob", "paraphrase_prob",

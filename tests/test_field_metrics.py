@@ -7,8 +7,8 @@ import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
 from lightning_kedit.errors import KeditError
-from lightning_kedit.field_metrics import argmax_tokens, token_agreement
-from lightning_kedit.scoring import answer_token_accuracy, encode_pairs
+from lightning_kedit.evaluation.field_metrics import argmax_tokens, token_agreement
+from lightning_kedit.evaluation.scoring import answer_token_accuracy, encode_pairs
 
 PROMPTS = ["Toko Yasuda plays the", "The capital of Italy is"]
 ANSWERS = ["guitar", "Rome"]

@@ -110,8 +110,8 @@ def test_bad_arguments_are_refused():
 
 @pytest.mark.integration
 def test_smollm2_ft_raises_the_new_targets_probability_and_leaves_the_model_alone(smollm2):
+    from lightning_kedit.evaluation.scoring import answer_nll
     from lightning_kedit.requests import bundled_requests
-    from lightning_kedit.scoring import answer_nll
 
     model, tokenizer = smollm2
     requests = bundled_requests()[:3]

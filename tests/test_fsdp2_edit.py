@@ -20,7 +20,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 
 from lightning_kedit.editing import EditHyperParams, compute_edit
 from lightning_kedit.errors import KeditError
-from lightning_kedit.metrics import evaluate_requests
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.models import ModelAdapter
 from lightning_kedit.statistics import collect_key_statistics
 

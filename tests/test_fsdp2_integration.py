@@ -14,7 +14,7 @@ from conftest import shared_data
 
 from lightning_kedit import load_model, load_requests
 from lightning_kedit.editing import EditHyperParams, compute_edit, resolve_statistics
-from lightning_kedit.metrics import evaluate_requests
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.models import ModelAdapter
 
 pytestmark = [pytest.mark.integration, pytest.mark.distributed]

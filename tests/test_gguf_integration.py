@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_kedit.editing import EditHyperParams, compute_edit
-from lightning_kedit.metrics import evaluate_requests
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.gguf_export import export_gguf
 from lightning_kedit.models.loading import resolve_model_spec

@@ -26,7 +26,7 @@ def test_prefixes_are_fluent_text(smollm2):
 
 
 def test_memit_edit_takes_and_reverts(smollm2):
-    from lightning_kedit.metrics import evaluate_requests
+    from lightning_kedit.evaluation.request_evaluation import evaluate_requests
     from lightning_kedit.statistics import collect_key_statistics
 
     model, tokenizer = smollm2

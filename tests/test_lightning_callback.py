@@ -14,9 +14,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from tiny_models import tiny_model, tiny_tokenizer
 
 from lightning_kedit.errors import KeditError
-from lightning_kedit.hooks import capture_inputs
 from lightning_kedit.lightning import KnowledgeEditCallback, KnowledgeEditModule, TextDataModule
 from lightning_kedit.lightning.strategies import check_strategy
+from lightning_kedit.models.forward_hooks import capture_inputs
 from lightning_kedit.requests import EditRequest, PromptAnswer
 
 TEXT = (

@@ -11,8 +11,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_kedit import load_requests
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.lightning import KnowledgeEditCallback, KnowledgeEditModule, TextDataModule
-from lightning_kedit.metrics import evaluate_requests
 
 pytestmark = pytest.mark.integration
 

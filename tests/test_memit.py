@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from lightning_kedit.editing import compute_edit, edit, memit
+from lightning_kedit.editing import compute_edit, edit, memit, weight_edits
 from lightning_kedit.editing.hparams import EditHyperParams, HyperParamError
 from lightning_kedit.editing.keys import subject_states
 from lightning_kedit.editing.targets import NonFiniteEditError, compute_target_values
@@ -64,7 +64,7 @@ def test_single_layer_memit_writes_targets_exactly(model_type, tokenizer):
     factors, fitted = memit.memit_updates(model, tokenizer, REQUESTS, stats, hp, templates=TEMPLATES)
     torch.testing.assert_close(fitted.delta, values.delta)
     adapter = ModelAdapter.for_model(model)
-    memit.add_to_weight(adapter, 2, factors[2].dense())
+    weight_edits.add_to_weight(adapter, 2, factors[2].dense())
     after = subject_states(model, tokenizer, REQUESTS, TEMPLATES, key_layers=[2], out_layer=2).outputs
     torch.testing.assert_close(after, before + values.delta, rtol=1e-3, atol=1e-3)
 

@@ -12,18 +12,17 @@ from tiny_models import _CORPUS, tiny_model, tiny_tokenizer
 from torchmetrics.utilities.data import dim_zero_sum
 
 from lightning_kedit.errors import KeditError
-from lightning_kedit.metrics import (
+from lightning_kedit.evaluation.metrics import (
     EditConsistency,
     EditEfficacy,
     EditGeneralization,
     EditScore,
     EditSpecificity,
     EditTokenAccuracy,
-    evaluate_requests,
     preference_probability,
-    score_requests,
 )
-from lightning_kedit.perplexity import Perplexity, perplexity, text_windows
+from lightning_kedit.evaluation.perplexity import Perplexity, perplexity, text_windows
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests, score_requests
 from lightning_kedit.requests import EditRequest, PromptAnswer
 
 REQUESTS = [

@@ -12,7 +12,7 @@ from peft import PeftModel
 from lightning_kedit import load_requests
 from lightning_kedit.editing import EditHyperParams, compute_edit
 from lightning_kedit.editing.delta import EditDelta
-from lightning_kedit.metrics import evaluate_requests
+from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.requests import bundled_corpus_path
 
 pytestmark = pytest.mark.integration

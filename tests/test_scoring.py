@@ -10,7 +10,7 @@ from tiny_models import _CORPUS, ARCHITECTURES, tiny_model, tiny_tokenizer
 from tokenizers import processors
 
 from lightning_kedit.errors import KeditError
-from lightning_kedit.scoring import (
+from lightning_kedit.evaluation.scoring import (
     _plan_sequences,
     answer_log_probs,
     answer_nll,

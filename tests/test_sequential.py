@@ -207,7 +207,7 @@ def test_smollm2_alphaedit_sequence_edits_and_reverts_exactly(smollm2):
     from conftest import shared_data
 
     from lightning_kedit.editing import EditHyperParams
-    from lightning_kedit.metrics import evaluate_requests
+    from lightning_kedit.evaluation.request_evaluation import evaluate_requests
     from lightning_kedit.requests import load_requests
 
     model, tok = smollm2

@@ -16,8 +16,8 @@ from lightning_kedit.editing.solvers import (
     rome_solve,
     spread_residuals,
 )
-from lightning_kedit.hooks import capture_inputs
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.forward_hooks import capture_inputs
 
 ARCHS = ["llama", "gpt2"]
 

@@ -7,8 +7,8 @@ import torch
 from tiny_models import ARCHITECTURES, tiny_model
 
 from lightning_kedit.errors import KeditError, StatisticsMismatchError
-from lightning_kedit.hooks import capture_inputs
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.forward_hooks import capture_inputs
 from lightning_kedit.statistics import KeyStatistics, collect_key_statistics, track_keys
 from lightning_kedit.statistics.key_statistics import accumulate_outer, symmetric_from_lower
 

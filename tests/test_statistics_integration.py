@@ -7,11 +7,11 @@ import torch
 from conftest import shared_data
 
 from lightning_kedit.errors import StatisticsMismatchError
-from lightning_kedit.hooks import capture_inputs, run_until
+from lightning_kedit.evaluation.text_windows import text_windows, window_batches
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import model_fingerprint
+from lightning_kedit.models.forward_hooks import capture_inputs, run_until
 from lightning_kedit.statistics import KeyStatistics, collect_key_statistics
-from lightning_kedit.text_windows import text_windows, window_batches
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_kedit.text_windows import (
+from lightning_kedit.evaluation.text_windows import (
     TextSourceError,
     detokenize_wikitext,
     read_paragraphs,

@@ -11,8 +11,8 @@ import torch
 from tiny_models import ARCHITECTURES, tiny_model, tiny_tokenizer
 
 from lightning_kedit.cli import main
-from lightning_kedit.hooks import capture_outputs
 from lightning_kedit.models import ModelAdapter
+from lightning_kedit.models.forward_hooks import capture_outputs
 from lightning_kedit.requests import EditRequest
 from lightning_kedit.tracing import (
     KINDS,
@@ -25,7 +25,7 @@ from lightning_kedit.tracing import (
     restored_layers,
     select_edit_window,
 )
-from lightning_kedit.tracing_plots import plot_trace, save_average_figure, save_trace_figures
+from lightning_kedit.tracing.plots import plot_trace, save_average_figure, save_trace_figures
 
 PROMPT, SUBJECT = "The capital of Italy is", "Italy"
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_kedit.atomic_files import atomic_write_json
+from lightning_kedit.files import atomic_write_json
 
 __all__ = ["COMMANDS", "build_parser", "main", "write_json"]
 
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     _quiet_transformers()
     if args_list and args_list[0] in LIGHTNING_COMMANDS:
-        from lightning_kedit.lightning.cli import run_lightning_cli
+        from lightning_kedit.lightning.trainer_cli import run_lightning_cli
 
         run_lightning_cli(args_list)
         return 0

@@ -73,7 +73,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Check every input, load the model, run the missing cells and print the success table."""
     from lightning_kedit.bench import parse_counts, parse_methods, run_bench
-    from lightning_kedit.bench_report import success_table
+    from lightning_kedit.bench.report import success_table
     from lightning_kedit.editing.target_cache import TargetCache
     from lightning_kedit.models.loading import load_model
     from lightning_kedit.requests import load_requests

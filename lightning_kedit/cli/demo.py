@@ -68,7 +68,7 @@ def _probes(requests: Sequence[Any]) -> list[tuple[int, str, str, str]]:
 
 
 def _look(model: nn.Module, tokenizer: Any, probes: list[tuple[int, str, str, str]], tokens: int) -> list[Any]:
-    from lightning_kedit.scoring import answer_log_probs
+    from lightning_kedit.evaluation.scoring import answer_log_probs
 
     texts = greedy_completions(model, tokenizer, [p[2] for p in probes], tokens)
     log_probs, _ = answer_log_probs(model, tokenizer, [p[2] for p in probes], [p[3] for p in probes])
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Edit, show, measure, revert."""
     from lightning_kedit.editing.editor import compute_edit
     from lightning_kedit.editing.hparams import EditHyperParams
-    from lightning_kedit.metrics import evaluate_requests
+    from lightning_kedit.evaluation.request_evaluation import evaluate_requests
     from lightning_kedit.models.loading import load_model
     from lightning_kedit.requests import bundled_requests
     from lightning_kedit.statistics import load_or_collect_statistics

@@ -18,10 +18,10 @@ from typing import Any
 
 from lightning_kedit.errors import KeditError
 
-__all__ = ["add_arguments", "hparams_from_args", "run"]
+__all__ = ["HPARAM_OPTIONS", "add_arguments", "hparams_from_args", "run"]
 
 #: CLI option -> EditHyperParams field.
-_HPARAM_OPTIONS: dict[str, tuple[str, type, str]] = {
+HPARAM_OPTIONS: dict[str, tuple[str, type, str]] = {
     "lambda": ("mom2_weight", float, "λ, weight of the key second moment C"),
     "v_steps": ("v_steps", int, "most Adam steps of the target-value optimisation"),
     "v_lr": ("v_lr", float, "learning rate of the target-value optimisation"),
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--with-base", action="store_true", help="store the base weights for a bit-exact revert")
     parser.add_argument("--lambda-relative", action="store_true", default=None,
                         help="λ multiplies C / mean(diag C) instead of C")
-    for option, (_, kind, help_text) in _HPARAM_OPTIONS.items():
+    for option, (_, kind, help_text) in HPARAM_OPTIONS.items():
         parser.add_argument(f"--{option.replace('_', '-')}", dest=f"hp_{option}", type=kind, default=None,
                             help=f"{help_text} (default: per model)")
     parser.add_argument("--bf16", dest="v_bfloat16", action=argparse.BooleanOptionalAction, default=None,
@@ -77,13 +77,13 @@ def hparams_from_args(model: Any, args: argparse.Namespace, tokenizer: Any = Non
 
     layers = None
     if args.layers == "auto":
-        from lightning_kedit.editing.editor import auto_edit_layers
+        from lightning_kedit.editing.edit_inputs import auto_edit_layers
 
         layers = auto_edit_layers(model, tokenizer, requests, args.method)
     elif args.layers is not None:
         layers = parse_layers(args.layers, ModelAdapter.for_model(model).num_layers)
     hp = EditHyperParams.for_model(model, args.method, layers)
-    changes = {field: getattr(args, f"hp_{option}") for option, (field, _, _) in _HPARAM_OPTIONS.items()}
+    changes = {field: getattr(args, f"hp_{option}") for option, (field, _, _) in HPARAM_OPTIONS.items()}
     changes["lambda_relative"] = args.lambda_relative
     changes["v_bfloat16"] = args.v_bfloat16
     return hp.replace(**changes)
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds: dict[str, float] = {"load": time.perf_counter() - start}
     before = after = None
     if not args.no_eval:
-        from lightning_kedit.metrics import evaluate_requests
+        from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 
         before = evaluate_requests(model, tokenizer, requests)
     delta = compute_edit(model, tokenizer, requests, method=args.method, hparams=hp, statistics=args.stats,

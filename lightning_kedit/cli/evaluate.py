@@ -4,7 +4,7 @@ Prints a table and returns the dict ``--json`` writes, with exactly the keys ``n
 neighborhood, consistency, score, efficacy_prob, paraphrase_prob, neighborhood_prob, perplexity, model,
 seconds`` (rates are fractions in [0, 1]; ``consistency`` is null when the requests have no consistency
 prompts, ``perplexity`` when no ``--ppl-text`` is given; ``seconds`` is the evaluation time, model loading
-excluded). See :mod:`lightning_kedit.metrics` for the definitions.
+excluded). See :mod:`lightning_kedit.evaluation.metrics` for the definitions.
 
 Example:
     $ kedit eval --model smollm2 --requests ../shared/data/counterfact/counterfact-val.json --n 500 \\
@@ -112,7 +112,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Load the model and requests, apply ``--delta`` if given, evaluate, print the table, return the dict."""
-    from lightning_kedit.metrics import evaluate_requests
+    from lightning_kedit.evaluation.request_evaluation import evaluate_requests
     from lightning_kedit.models import load_model
 
     _check_arguments(args)

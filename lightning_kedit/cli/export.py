@@ -21,8 +21,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from lightning_kedit.atomic_files import atomic_directory
 from lightning_kedit.errors import KeditError
+from lightning_kedit.files import atomic_directory
 
 __all__ = ["add_arguments", "run"]
 

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from lightning_kedit.cli.edit import _HPARAM_OPTIONS
+from lightning_kedit.cli.edit import HPARAM_OPTIONS
 from lightning_kedit.errors import KeditError
 
 __all__ = ["add_arguments", "run"]
@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("memit", "rome"), default="memit", help="edit method (default: memit)")
     parser.add_argument("--stats", default=None, metavar="FILE",
                         help="key statistics file (kedit stats --out); default: cached, from the bundled corpus")
-    for option, (_, kind, help_text) in _HPARAM_OPTIONS.items():
+    for option, (_, kind, help_text) in HPARAM_OPTIONS.items():
         parser.add_argument(f"--{option.replace('_', '-')}", dest=f"hp_{option}", type=kind, default=None,
                             help=f"{help_text} (default: per model)")
     parser.add_argument("--max-ppl-rise", type=float, default=0.10, metavar="R",
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.stats is not None and not Path(args.stats).is_file():
         raise KeditError(f"--stats {args.stats!r} is not a file; make one with `kedit stats --out FILE`")
     keys = ServeKeys.load(args.keys)
-    hparams = {field: getattr(args, f"hp_{option}") for option, (field, _, _) in _HPARAM_OPTIONS.items()
+    hparams = {field: getattr(args, f"hp_{option}") for option, (field, _, _) in HPARAM_OPTIONS.items()
                if getattr(args, f"hp_{option}") is not None}
     server = build_server(args.model, args.history, keys, workers=args.workers, method=args.method,
                           statistics=args.stats, traffic_statistics=args.traffic_stats, threads=args.threads,

@@ -84,7 +84,7 @@ def _trace_one(model: Any, tokenizer: Any, args: argparse.Namespace, settings: d
         )
     result = trace.to_dict()
     if args.out:
-        from lightning_kedit.tracing_plots import save_trace_figures
+        from lightning_kedit.tracing.plots import save_trace_figures
 
         result["figures"] = [str(p) for p in save_trace_figures(trace, Path(args.out))]
         print(f"figures in {args.out}")
@@ -117,7 +117,7 @@ def _trace_many(model: Any, tokenizer: Any, args: argparse.Namespace, settings: 
         result["auto_layers"] = select_edit_window(traced.last_subject["mlp"], window)
         print(f"edit layers chosen from the MLP curve (window {window}): {result['auto_layers']}")
     if args.out:
-        from lightning_kedit.tracing_plots import save_average_figure
+        from lightning_kedit.tracing.plots import save_average_figure
 
         result["figures"] = [str(p) for p in save_average_figure(traced, Path(args.out))]
         print(f"figures in {args.out}")

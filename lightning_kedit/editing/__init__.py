@@ -6,14 +6,16 @@ Example:
 """
 
 from lightning_kedit.editing.delta import EditDelta, LayerUpdate, RevertReport
-from lightning_kedit.editing.editor import compute_edit, edit, resolve_statistics
+from lightning_kedit.editing.edit_inputs import resolve_statistics
+from lightning_kedit.editing.editor import compute_edit, edit
 from lightning_kedit.editing.hparams import METHODS, EditHyperParams, HyperParamError
 from lightning_kedit.editing.keys import SubjectNotFoundError, subject_states
 from lightning_kedit.editing.memit import memit_updates
 from lightning_kedit.editing.prefixes import context_templates
 from lightning_kedit.editing.rome import rome_updates
 from lightning_kedit.editing.solvers import LowRankUpdate, memit_factors, memit_solve, rome_factors, rome_solve
-from lightning_kedit.editing.targets import NonFiniteEditError, TargetValues, compute_target_values
+from lightning_kedit.editing.target_values import TargetValues
+from lightning_kedit.editing.targets import NonFiniteEditError, compute_target_values
 
 __all__ = [
     "METHODS",

@@ -38,9 +38,11 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_kedit.errors import KeditError
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.model_mode import eval_mode
 from lightning_kedit.requests import EditRequest
 
 from .delta import EditDelta
+from .edit_inputs import check_statistics, resolve_statistics
 from .history import EditHistory
 from .hparams import (
     DEFAULT_ALPHA,
@@ -50,12 +52,14 @@ from .hparams import (
     HyperParamError,
     resolve_hparams,
 )
-from .keys import eval_mode, subject_states, template_weights
-from .memit import PhaseTimer, add_to_weight, check_statistics, temporary_updates
+from .keys import subject_states, template_weights
 from .nullspace import NULL_SPACE_RULES, alphaedit_factors, null_space_basis
+from .phase_timer import PhaseTimer
 from .sharded import edit_templates
 from .solvers import LowRankUpdate, spread_residuals
-from .targets import NonFiniteEditError, TargetValues, compute_target_values
+from .target_values import TargetValues
+from .targets import NonFiniteEditError, compute_target_values
+from .weight_edits import add_to_weight, temporary_updates
 
 if TYPE_CHECKING:
     from .target_cache import TargetCache
@@ -227,8 +231,6 @@ def compute_alphaedit(
         >>> delta = compute_alphaedit(model, tokenizer, requests, history=history, keys=found)  # doctest: +SKIP
         >>> delta.apply(model); history.push(delta, found)  # doctest: +SKIP
     """
-    from .editor import resolve_statistics
-
     requests = list(requests)
     if not requests:
         raise KeditError("the request list is empty; give at least one edit request")

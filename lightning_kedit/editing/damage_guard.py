@@ -8,7 +8,7 @@ with the edit applied temporarily and the weights restored bit for bit after:
   excerpt the key statistics come from), scored in windows of ``window`` tokens;
 - the neighbourhood of the requests: on up to ``max_neighborhood_prompts`` of their neighbourhood prompts, the
   mean probability that the neighbour's own answer beats the edit's new target,
-  ``q = σ(NLL_new − NLL_own)`` (the ``prob`` form of :class:`~lightning_kedit.metrics.EditSpecificity`).
+  ``q = σ(NLL_new − NLL_own)`` (the ``prob`` form of :class:`~lightning_kedit.evaluation.metrics.EditSpecificity`).
 
 It rejects the edit when the relative perplexity rise exceeds ``max_perplexity_rise`` (or the perplexity is
 not finite), or the neighbourhood falls by more than ``max_neighborhood_drop``. The report says what was
@@ -183,9 +183,9 @@ class DamageGuard:
     def _measure(
         self, model: nn.Module, tokenizer: Any, neighbours: tuple[list[str], list[str], list[str]]
     ) -> tuple[float, float | None]:
-        from lightning_kedit.metrics import preference_probability
-        from lightning_kedit.perplexity import perplexity
-        from lightning_kedit.scoring import score_answers
+        from lightning_kedit.evaluation.metrics import preference_probability
+        from lightning_kedit.evaluation.perplexity import perplexity
+        from lightning_kedit.evaluation.scoring import score_answers
 
         ppl = perplexity(model, tokenizer, self._text(), max_tokens=self.probe_tokens, window=self.window,
                          batch_size=4)

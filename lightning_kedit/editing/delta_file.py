@@ -8,7 +8,7 @@ file renamed into place, so a killed process never leaves a truncated delta behi
 
 Example:
     >>> path = save_delta(delta, "edits/capitals.safetensors")  # doctest: +SKIP
-    >>> load_delta(path).digest() == delta.digest()  # doctest: +SKIP
+    >>> EditDelta.load(path).digest() == delta.digest()  # doctest: +SKIP
     True
 """
 
@@ -17,22 +17,24 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
-from lightning_kedit.atomic_files import atomic_save_safetensors
+from lightning_kedit.editing.delta_view import DeltaClass, DeltaView
+from lightning_kedit.editing.layer_update import LayerUpdate
 from lightning_kedit.editing.solvers import LowRankUpdate
+from lightning_kedit.errors import DeltaError, DeltaFileError
+from lightning_kedit.files import atomic_save_safetensors
 from lightning_kedit.models.fingerprint import weights_hash
-
-if TYPE_CHECKING:
-    from lightning_kedit.editing.delta import EditDelta
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "delta_metadata", "load_delta", "save_delta"]
 
 FORMAT = "lightning_kedit.delta"
 FORMAT_VERSION = "1"
 
+D = TypeVar("D", bound=DeltaView)
 
-def delta_metadata(delta: EditDelta) -> dict[str, str]:
+
+def delta_metadata(delta: DeltaView) -> dict[str, str]:
     """The header entries of ``delta``'s file (all strings; JSON where structured), without the digest."""
     return {
         "format": FORMAT,
@@ -46,7 +48,7 @@ def delta_metadata(delta: EditDelta) -> dict[str, str]:
     }
 
 
-def save_delta(delta: EditDelta, path: str | os.PathLike[str], *, with_base: bool = False) -> Path:
+def save_delta(delta: DeltaView, path: str | os.PathLike[str], *, with_base: bool = False) -> Path:
     """Write ``delta`` to one safetensors file, atomically (a temporary file renamed into place).
 
     Args:
@@ -57,9 +59,6 @@ def save_delta(delta: EditDelta, path: str | os.PathLike[str], *, with_base: boo
     Raises:
         DeltaError: ``with_base`` while the base weights of some layer are unknown.
     """
-
-    from lightning_kedit.editing.delta import DeltaError
-
     updates = [delta.update(layer) for layer in delta.layers]
     tensors = {f"layers.{u.layer}.{n}": t.contiguous() for u in updates for n, t in u.tensors().items()}
     if with_base:
@@ -75,17 +74,14 @@ def save_delta(delta: EditDelta, path: str | os.PathLike[str], *, with_base: boo
     return atomic_save_safetensors(tensors, path, metadata)
 
 
-def load_delta(path: str | os.PathLike[str], cls: type[EditDelta] | None = None) -> EditDelta:
-    """Read a delta written by :func:`save_delta` (as ``cls``, :class:`EditDelta` by default).
+def load_delta(path: str | os.PathLike[str], cls: DeltaClass[D]) -> D:
+    """Read a delta written by :func:`save_delta` as ``cls`` (``EditDelta.load`` passes the class).
 
     Raises:
         DeltaFileError: the file is missing, not a delta, or its content does not match its digest.
     """
     from safetensors import safe_open
 
-    from lightning_kedit.editing.delta import DeltaFileError, EditDelta, LayerUpdate
-
-    cls = cls or EditDelta
     path = Path(path)
     if not path.is_file():
         raise DeltaFileError(f"no delta file at {path}; give the file written by `kedit edit --out`")

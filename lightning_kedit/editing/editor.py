@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,12 +16,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_kedit.errors import KeditError
+from lightning_kedit.models.model_mode import eval_mode
 from lightning_kedit.requests import EditRequest
 
 from .delta import EditDelta
+from .edit_inputs import auto_edit_layers, resolve_statistics
 from .hparams import EditHyperParams, resolve_hparams
-from .keys import eval_mode
-from .memit import PhaseTimer, memit_updates
+from .memit import memit_updates
+from .phase_timer import PhaseTimer
 from .rome import rome_updates
 from .sharded import check_sharded_edit
 
@@ -32,46 +33,7 @@ if TYPE_CHECKING:
     from .history import EditHistory
     from .target_cache import TargetCache
 
-__all__ = ["auto_edit_layers", "compute_edit", "edit", "resolve_statistics"]
-
-
-def resolve_statistics(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    layers: Sequence[int],
-    statistics: Any = None,
-    *,
-    progress: bool = False,
-) -> Any:
-    """Key statistics for ``layers``: given ones, a file (checked against the model), or the cached default.
-
-    ``None`` loads or collects statistics over the bundled corpus (cached by model fingerprint).
-    """
-    from lightning_kedit.statistics import KeyStatistics, load_or_collect_statistics
-
-    if statistics is None:
-        return load_or_collect_statistics(model, tokenizer, list(layers), progress=progress)
-    if isinstance(statistics, (str, os.PathLike)):
-        return KeyStatistics.load(statistics, model=model, tokenizer=tokenizer, layers=list(layers))
-    return statistics
-
-
-def auto_edit_layers(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest] | None, method: str,
-    spec: str = "auto",
-) -> list[int]:
-    """Edit layers chosen by causal tracing: as many as the method's default uses, where the MLPs carry the facts.
-
-    Example:
-        >>> auto_edit_layers(model, tokenizer, requests, "memit")  # doctest: +SKIP
-        [4, 5, 6, 7, 8]
-    """
-    if spec != "auto":
-        raise KeditError(f"`layers`={spec!r} is neither a list of layer indices nor 'auto'")
-    from lightning_kedit.tracing import choose_edit_layers
-
-    size = len(EditHyperParams.for_model(model, method).layers)
-    return choose_edit_layers(model, tokenizer, requests, window=size)
+__all__ = ["compute_edit", "edit"]
 
 
 def compute_edit(
@@ -100,7 +62,7 @@ def compute_edit(
             see :func:`~lightning_kedit.editing.sequential.edit_sequentially`, or pass ``history`` and
             ``keys``/``extras``).
         layers: edit layers; the method's per-architecture default when None; ``"auto"`` measures them by
-            causal tracing (:func:`auto_edit_layers`).
+            causal tracing (:func:`~.edit_inputs.auto_edit_layers`).
         statistics: key statistics (``KeyStatistics``), a statistics file, or None for the cached statistics
             of the bundled corpus (not used by ``"ft"``).
         hparams: hyper-parameters; :meth:`EditHyperParams.for_model` when None (``layers`` overrides theirs).

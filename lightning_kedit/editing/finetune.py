@@ -28,9 +28,9 @@ from torch.func import functional_call
 
 from lightning_kedit.editing.delta import EditDelta
 from lightning_kedit.errors import KeditError
+from lightning_kedit.evaluation.scoring import encode_pairs
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.requests import EditRequest
-from lightning_kedit.scoring import encode_pairs
 
 __all__ = ["compute_finetune_delta"]
 

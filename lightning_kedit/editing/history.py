@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lightning_kedit.atomic_files import atomic_save_safetensors, atomic_write_json
 from lightning_kedit.errors import KeditError
+from lightning_kedit.files import atomic_save_safetensors, atomic_write_json
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import weights_hash
 

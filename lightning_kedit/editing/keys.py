@@ -13,8 +13,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,15 +21,16 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_kedit.errors import KeditError
-from lightning_kedit.hooks import input_hooks, output_hooks, run_until
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.forward_hooks import input_hooks, output_hooks, run_until
+from lightning_kedit.models.model_mode import eval_mode
 from lightning_kedit.requests import EditRequest
+
+from .token_rows import TokenRows, pad_rows, padding_id
 
 __all__ = [
     "SubjectNotFoundError",
     "SubjectStates",
-    "TokenRows",
-    "eval_mode",
     "locate_token",
     "subject_char_end",
     "subject_states",
@@ -44,32 +44,11 @@ class SubjectNotFoundError(KeditError):
 
 
 @dataclass
-class TokenRows:
-    """Right-padded token rows and, per row, the index of the subject's last token."""
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    subject_pos: torch.Tensor
-    lengths: torch.Tensor
-
-
-@dataclass
 class SubjectStates:
     """Per request, the template-averaged keys of each layer and hidden state after ``out_layer`` (float64)."""
 
     keys: dict[int, torch.Tensor]
     outputs: torch.Tensor | None
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Switch ``model`` to evaluation mode (no dropout) and restore its mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def locate_token(tokenizer: PreTrainedTokenizerBase, text: str, char_end: int) -> tuple[list[int], int]:
@@ -117,25 +96,7 @@ def tokenize_rows(
         ids, index = locate_token(tokenizer, text, end)
         rows.append(ids)
         positions.append(index)
-    return _pad(rows, positions, _pad_id(tokenizer) if pad_id is None else pad_id)
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-def _pad(rows: list[list[int]], positions: list[int], pad_id: int) -> TokenRows:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
-    lengths = mask.sum(1)
-    return TokenRows(ids, mask, torch.tensor(positions, dtype=torch.long), lengths)
+    return pad_rows(rows, positions, padding_id(tokenizer) if pad_id is None else pad_id)
 
 
 def _accumulator(
@@ -191,11 +152,11 @@ def subject_states(
     located.sort(key=lambda row: len(row[0]))
     sums = {layer: torch.zeros(len(requests), adapter.key_size, dtype=torch.float64) for layer in layers}
     out_sum = torch.zeros(len(requests), adapter.value_size, dtype=torch.float64) if out_layer is not None else None
-    pad_id = _pad_id(tokenizer)
+    pad_id = padding_id(tokenizer)
     with eval_mode(model):
         for start in range(0, len(located), batch_size):
             chunk = located[start : start + batch_size]
-            rows = _pad([row[0] for row in chunk], [row[1] for row in chunk], pad_id)
+            rows = pad_rows([row[0] for row in chunk], [row[1] for row in chunk], pad_id)
             who = torch.tensor([row[2] for row in chunk])
             weight = share[[row[3] for row in chunk]]
             in_hooks = {adapter.mlp_out(layer): _accumulator(sums[layer], who, rows, weight) for layer in layers}

@@ -43,12 +43,13 @@ from transformers import PreTrainedTokenizerBase
 
 from lightning_kedit.errors import KeditError
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.model_mode import eval_mode
 from lightning_kedit.requests import EditRequest
 
 from .delta import EditDelta
 from .hparams import DEFAULT_LIFELONG_RIDGE, DEFAULT_LIFELONG_STEP, EditHyperParams
-from .keys import _pad_id, eval_mode
 from .solvers import LowRankUpdate
+from .token_rows import padding_id
 
 if TYPE_CHECKING:
     from .history import EditHistory
@@ -216,7 +217,7 @@ def _local_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, reques
     keys: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     grads: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     encoded = [_answer_rows(tokenizer, r) for r in requests]
-    pad = _pad_id(tokenizer)
+    pad = padding_id(tokenizer)
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
         width = max(len(ids) for ids, _ in chunk)
@@ -319,7 +320,7 @@ def compute_lifelong(
         KeditError: a non-positive step or ridge, an answer that cannot be told from its prompt, or a
             non-finite update.
     """
-    from .memit import PhaseTimer
+    from .phase_timer import PhaseTimer
 
     step = float(hparams.extra.get("step", DEFAULT_STEP))
     ridge = float(hparams.extra.get("ridge", DEFAULT_RIDGE))

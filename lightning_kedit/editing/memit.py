@@ -20,116 +20,37 @@ Example:
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_kedit.errors import StatisticsMismatchError
 from lightning_kedit.models.adapters import ModelAdapter
-from lightning_kedit.models.sharding import full_weight, write_weight
 from lightning_kedit.requests import EditRequest
 
+from .edit_inputs import check_statistics
 from .hparams import EditHyperParams
 from .keys import subject_states, template_weights
+from .phase_timer import PhaseTimer
 from .prefixes import context_templates  # noqa: F401 - callers read memit.context_templates
 from .sharded import edit_templates
 from .solvers import LowRankUpdate, memit_factors, spread_residuals
-from .targets import NonFiniteEditError, TargetValues, compute_target_values
+from .target_values import TargetValues
+from .targets import NonFiniteEditError, compute_target_values
+from .weight_edits import add_to_weight, temporary_updates
 
 if TYPE_CHECKING:
     from .target_cache import TargetCache
 
-__all__ = [
-    "PhaseTimer",
-    "add_to_weight",
-    "check_statistics",
-    "memit_updates",
-    "scaled_second_moment",
-    "temporary_updates",
-]
-
-
-class PhaseTimer:
-    """Wall-clock seconds per named phase, summed over repeated entries.
-
-    Example:
-        >>> timer = PhaseTimer()
-        >>> with timer.phase("keys"):
-        ...     pass
-        >>> list(timer.seconds)
-        ['keys']
-    """
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def phase(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-    def add_to(self, timings: dict[str, float] | None) -> None:
-        """Add these phases' seconds to ``timings`` (a caller's earlier time for a phase is kept, not replaced)."""
-        if timings is not None:
-            for name, seconds in self.seconds.items():
-                timings[name] = timings.get(name, 0.0) + seconds
-
-
-def check_statistics(statistics: object, adapter: ModelAdapter, layers: Sequence[int]) -> None:
-    """Refuse statistics that lack a layer or whose key size differs from the model's."""
-    held = list(getattr(statistics, "layers", []))
-    missing = [layer for layer in layers if layer not in held]
-    if missing:
-        raise StatisticsMismatchError(
-            f"the key statistics hold layers {held} but the edit needs {missing}; collect statistics for layers "
-            f"{list(layers)} (kedit stats --layers {','.join(map(str, layers))})"
-        )
-    size = statistics.second_moment(layers[0]).shape[0]  # type: ignore[attr-defined]
-    if size != adapter.key_size:
-        raise StatisticsMismatchError(
-            f"the key statistics have key size {size} but {adapter.model_type} has {adapter.key_size}: "
-            "they were collected on another model"
-        )
+__all__ = ["memit_updates", "scaled_second_moment"]
 
 
 def scaled_second_moment(statistics: object, layer: int, relative: bool) -> torch.Tensor:
     """``C`` of ``layer`` in float64; divided by its mean diagonal when ``relative`` (λ then has no units)."""
     c = statistics.second_moment(layer).to(torch.float64)  # type: ignore[attr-defined]
     return c / c.diagonal().mean().clamp_min(1e-30) if relative else c
-
-
-@contextmanager
-def temporary_updates(adapter: ModelAdapter, layers: Sequence[int]) -> Iterator[None]:
-    """Inside the block, weights of ``layers`` may be changed (:func:`add_to_weight`); on exit, whatever
-    happens (an exception, a keyboard interrupt), they are restored bit-exactly from copies."""
-    originals = {layer: adapter.weight(layer).detach().clone() for layer in layers}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for layer, weight in originals.items():
-                adapter.weight(layer).copy_(weight)
-
-
-def add_to_weight(adapter: ModelAdapter, layer: int, delta: torch.Tensor) -> None:
-    """``W_l += delta`` (``out x in``, any dtype), computed in float64 and cast to the weight's dtype.
-
-    A sharded (FSDP2) weight is gathered, updated whole and written back as this process's shard.
-    """
-    param = adapter.weight(layer)
-    weight = full_weight(param)
-    with torch.no_grad():
-        current = adapter.from_stored_layout(weight).to(torch.float64)
-        updated = (current + delta.to(device=weight.device, dtype=torch.float64)).to(weight.dtype)
-        write_weight(param, adapter.to_stored_layout(updated))
 
 
 def memit_updates(

@@ -31,27 +31,27 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from lightning_kedit.atomic_files import atomic_directory
+from lightning_kedit.editing.delta_file import delta_metadata
+from lightning_kedit.editing.delta_view import DeltaClass, DeltaView
 from lightning_kedit.editing.layer_update import LayerUpdate, compact_update
 from lightning_kedit.editing.solvers import LowRankUpdate
 from lightning_kedit.errors import DeltaError, DeltaFileError, DeltaMismatchError
+from lightning_kedit.files import atomic_directory
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import weights_hash
 from lightning_kedit.models.sharding import full_weight
-
-if TYPE_CHECKING:
-    from lightning_kedit.editing.delta import EditDelta
 
 __all__ = ["SIDECAR", "add_delta_adapter", "delta_from_peft", "delta_to_peft", "lora_factors"]
 
 SIDECAR = "kedit_delta.json"
 _PREFIX = "base_model.model."
 _A, _B = ".lora_A.weight", ".lora_B.weight"
+D = TypeVar("D", bound=DeltaView)
 
 
 def _module_name(update: LayerUpdate) -> str:
@@ -90,7 +90,7 @@ def lora_factors(update: LayerUpdate, rank: int | None = None) -> tuple[Tensor, 
     return b.contiguous(), a.contiguous()
 
 
-def _ranks(delta: EditDelta, rank: int | Mapping[int, int] | None) -> dict[int, int | None]:
+def _ranks(delta: DeltaView, rank: int | Mapping[int, int] | None) -> dict[int, int | None]:
     if rank is None or isinstance(rank, int):
         return dict.fromkeys(delta.layers, rank)
     unknown = sorted(set(rank) - set(delta.layers))
@@ -100,7 +100,7 @@ def _ranks(delta: EditDelta, rank: int | Mapping[int, int] | None) -> dict[int, 
 
 
 def _lora_parts(
-    delta: EditDelta, rank: int | Mapping[int, int] | None, dtype: torch.dtype
+    delta: DeltaView, rank: int | Mapping[int, int] | None, dtype: torch.dtype
 ) -> tuple[Any, dict[str, Tensor]]:
     """The ``LoraConfig`` and the saved-format ``lora_A``/``lora_B`` tensors of ``delta`` (all checked first)."""
     from peft import LoraConfig
@@ -131,7 +131,7 @@ def _lora_parts(
     return config, tensors
 
 
-def add_delta_adapter(model: nn.Module, delta: EditDelta, adapter_name: str = "kedit") -> None:
+def add_delta_adapter(model: nn.Module, delta: DeltaView, adapter_name: str = "kedit") -> None:
     """Add ``delta`` to a ``peft.PeftModel`` as a new LoRA adapter, active together with the active ones.
 
     The base weights and the existing adapters are not changed (``edit_as="adapter"``: the way to edit a model
@@ -165,7 +165,7 @@ def add_delta_adapter(model: nn.Module, delta: EditDelta, adapter_name: str = "k
 
 
 def delta_to_peft(
-    delta: EditDelta,
+    delta: DeltaView,
     folder: str | os.PathLike[str],
     *,
     rank: int | Mapping[int, int] | None = None,
@@ -187,8 +187,6 @@ def delta_to_peft(
     Raises:
         DeltaError: a rank cannot express a layer's update, or ``folder`` exists and ``overwrite`` is False.
     """
-    from lightning_kedit.editing.delta_file import delta_metadata
-
     target = Path(folder)
     if target.exists() and not overwrite:
         raise DeltaError(f"adapter folder {str(target)!r} exists; choose another or pass overwrite=True (--force)")
@@ -235,7 +233,7 @@ def _pattern_value(pattern: Mapping[str, Any], module: str, default: Any) -> Any
     return default
 
 
-def delta_from_peft(folder: str | os.PathLike[str], model: nn.Module, cls: type[EditDelta]) -> EditDelta:
+def delta_from_peft(folder: str | os.PathLike[str], model: nn.Module, cls: DeltaClass[D]) -> D:
     """Read a LoRA adapter on ``model``'s edit projections as an :class:`EditDelta` of ``model``.
 
     With the ``kedit_delta.json`` that :func:`delta_to_peft` writes, the hash of each current weight of

@@ -22,10 +22,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_kedit.atomic_files import atomic_write_json
-from lightning_kedit.models.loading import cache_dir
+from lightning_kedit.files import atomic_write_json, cache_dir
 
-__all__ = ["OPENINGS", "context_templates", "generate_prefixes", "model_digest"]
+__all__ = ["OPENINGS", "context_templates", "generate_prefixes", "generate_templates", "model_digest"]
 
 #: Sentence openings the prefixes start from (as in MEMIT's ``get_context_templates``).
 OPENINGS = ("The", "Therefore", "Because", "I", "You")
@@ -117,7 +116,7 @@ def context_templates(
     path = cache_dir() / "prefixes" / f"{key}.json"
     templates = _read_templates(path) if cache else None
     if templates is None:
-        templates = _generate_templates(model, tokenizer, lengths, seed)
+        templates = generate_templates(model, tokenizer, lengths, seed)
         if cache:
             # Processes that start on an empty cache together (DDP ranks, parallel commands) each generate the
             # same seeded entry and write it whole; no lock, since a sharded model's forward needs every rank.
@@ -135,9 +134,10 @@ def _read_templates(path: Path) -> list[str] | None:
         return None  # a damaged cache entry is regenerated
 
 
-def _generate_templates(
+def generate_templates(
     model: nn.Module, tokenizer: PreTrainedTokenizerBase, lengths: Sequence[tuple[int, int]], seed: int
 ) -> list[str]:
+    """``"{}"`` and, per ``(length, count)``, ``count`` generated prefixes of ``length`` tokens (``"<prefix>. {}"``)."""
     templates = ["{}"]
     for length, count in lengths:
         templates += [f"{text}. {{}}" for text in generate_prefixes(model, tokenizer, length, count, seed=seed)]

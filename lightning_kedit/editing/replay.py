@@ -35,8 +35,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from lightning_kedit.hooks import StopForward, first_tensor, run_until
 from lightning_kedit.models.adapters import ModelAdapter, kv_cache_argument
+from lightning_kedit.models.forward_hooks import StopForward, first_tensor, run_until
 
 __all__ = ["PREFIX_CACHE_TYPES", "UpperReplay", "prepare_replays", "tail_groups"]
 

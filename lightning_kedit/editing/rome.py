@@ -29,12 +29,14 @@ from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.sharding import full_weight
 from lightning_kedit.requests import EditRequest
 
+from .edit_inputs import check_statistics
 from .hparams import EditHyperParams, HyperParamError
 from .keys import subject_states, template_weights
-from .memit import PhaseTimer, check_statistics
+from .phase_timer import PhaseTimer
 from .sharded import edit_templates
 from .solvers import LowRankUpdate, rome_factors
-from .targets import NonFiniteEditError, TargetValues, compute_target_values
+from .target_values import TargetValues
+from .targets import NonFiniteEditError, compute_target_values
 
 if TYPE_CHECKING:
     from .target_cache import TargetCache

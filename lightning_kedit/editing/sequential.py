@@ -38,7 +38,8 @@ from lightning_kedit.requests import EditRequest
 
 from .alphaedit import DEFAULT_ALPHA, DEFAULT_THRESHOLD, compute_alphaedit, null_space_bases
 from .delta import EditDelta
-from .editor import compute_edit, resolve_statistics
+from .edit_inputs import resolve_statistics
+from .editor import compute_edit
 from .history import EditHistory
 from .hparams import DEFAULT_NULLSPACE_RULE, METHODS, EditHyperParams
 
@@ -214,7 +215,7 @@ def chain_report(
 ) -> dict[str, Any]:
     """Edit chains (all hops of a record together) and report multi-hop accuracy before and after.
 
-    The multi-hop accuracy is the consistency rate of :func:`~lightning_kedit.metrics.evaluate_requests`: the
+    The multi-hop accuracy is the consistency rate of ``evaluation.request_evaluation.evaluate_requests``: the
     token accuracy of each request's ``consistency`` answers (the answers implied by the edited hops). The
     model is left edited; the returned ``history`` reverts it.
 
@@ -225,7 +226,7 @@ def chain_report(
     Raises:
         KeditError: no request carries a consistency prompt (there is nothing to measure).
     """
-    from lightning_kedit.metrics import evaluate_requests
+    from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 
     if not any(r.consistency for r in requests):
         raise KeditError("no request has consistency prompts (multi-hop questions); chain_report needs them")

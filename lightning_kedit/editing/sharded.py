@@ -39,9 +39,9 @@ def edit_templates(
     them cached would leave the others' generation waiting for it.
     """
     if is_sharded_model(model):
-        from .prefixes import _generate_templates
+        from .prefixes import generate_templates
 
-        return _generate_templates(model, tokenizer, lengths, seed)
+        return generate_templates(model, tokenizer, lengths, seed)
     return context_templates(model, tokenizer, lengths, seed=seed)
 
 

@@ -42,9 +42,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_kedit.atomic_files import atomic_save_safetensors
 from lightning_kedit.editing.hparams import EditHyperParams
-from lightning_kedit.editing.targets import TargetValues
+from lightning_kedit.editing.target_values import TargetValues
+from lightning_kedit.files import atomic_save_safetensors, short_digest
 from lightning_kedit.models.fingerprint import fingerprint_digest, model_fingerprint
 from lightning_kedit.requests import EditRequest
 
@@ -69,7 +69,7 @@ CachedTarget = tuple[torch.Tensor, float, int]
 
 def _sha(payload: Any) -> str:
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:_DIGEST_CHARS]
+    return short_digest(text, _DIGEST_CHARS)
 
 
 @cache
@@ -116,7 +116,7 @@ class TargetCache:
 
     def __init__(self, root: str | os.PathLike[str] | None = None, *, enabled: bool = True) -> None:
         if root is None:
-            from lightning_kedit.models.loading import cache_dir
+            from lightning_kedit.files import cache_dir
 
             root = cache_dir() / "targets"
         if not isinstance(root, (str, os.PathLike)):
@@ -204,7 +204,7 @@ class TargetCache:
             compute: computes the target values of a list of requests (called once, on the misses only).
 
         Returns:
-            :class:`~lightning_kedit.editing.targets.TargetValues` with one row per request, in order.
+            :class:`~lightning_kedit.editing.target_values.TargetValues` with one row per request, in order.
         """
         if not self.enabled:
             self.misses += len(requests)

@@ -35,34 +35,27 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from lightning_kedit.errors import KeditError
-from lightning_kedit.hooks import first_tensor
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.forward_hooks import first_tensor
+from lightning_kedit.models.model_mode import eval_mode
 from lightning_kedit.models.sharding import is_sharded_model
 from lightning_kedit.requests import EditRequest
 
 from .hparams import EditHyperParams
-from .keys import SubjectNotFoundError, _pad, _pad_id, eval_mode, subject_char_end
+from .keys import SubjectNotFoundError, subject_char_end
 from .replay import prepare_replays
+from .target_values import TargetValues
+from .token_rows import pad_rows, padding_id
 from .upper_blocks import UpperBlocks, bfloat16_is_fast
 
 if TYPE_CHECKING:
     from .target_cache import TargetCache
 
-__all__ = ["NonFiniteEditError", "TargetValues", "compute_target_values"]
+__all__ = ["NonFiniteEditError", "compute_target_values"]
 
 
 class NonFiniteEditError(KeditError):
     """The optimisation produced NaN or infinite values (try a smaller learning rate or clamp)."""
-
-
-@dataclass
-class TargetValues:
-    """Optimised δ per request (float64, ``(n, value_size)``) and how the optimisation ended."""
-
-    delta: torch.Tensor
-    prob: torch.Tensor
-    steps: torch.Tensor
-    layer: int
 
 
 @dataclass
@@ -137,7 +130,7 @@ def _build_batch(
         rows.append(ids[: subject + 1])
         positions.append(subject)
         row_request.append(r)
-    padded = _pad(rows, positions, _pad_id(tokenizer))
+    padded = pad_rows(rows, positions, padding_id(tokenizer))
     label = torch.tensor([x[:3] for x in labels], dtype=torch.long)
     return _Batch(
         rows_ids=padded.input_ids,

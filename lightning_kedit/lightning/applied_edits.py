@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
@@ -28,7 +27,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lightning_kedit.errors import KeditError
+from lightning_kedit.files import short_digest
 from lightning_kedit.requests import EditRequest
+
+from .configuration_error import KeditConfigurationError
 
 if TYPE_CHECKING:
     from lightning_kedit.editing.delta import EditDelta
@@ -82,17 +84,19 @@ def requests_source(
         KeditError: ``n_requests`` < 1, a request file that does not exist, or an empty or mixed sequence.
     """
     if n_requests is not None and n_requests < 1:
-        raise KeditError(f"`n_requests` must be >= 1 or None, got {n_requests}")
+        raise KeditConfigurationError(f"`n_requests` must be >= 1 or None, got {n_requests}")
     if isinstance(requests, (str, os.PathLike)):
         path = Path(requests).expanduser()
         if not path.is_file():
-            raise KeditError(f"`requests` file {str(requests)!r} not found; give a request file (.json/.jsonl)")
+            raise KeditConfigurationError(
+                f"`requests` file {str(requests)!r} not found; give a request file (.json/.jsonl)"
+            )
         return path, f"{path}:{n_requests}"
     listed = list(requests)
     if not listed or not all(isinstance(r, EditRequest) for r in listed):
-        raise KeditError("`requests` must be a request file or a non-empty sequence of EditRequest")
+        raise KeditConfigurationError("`requests` must be a request file or a non-empty sequence of EditRequest")
     ids = "\n".join(r.case_id for r in listed[:n_requests])
-    return listed[:n_requests], "ids:" + hashlib.sha256(ids.encode()).hexdigest()[:16]
+    return listed[:n_requests], "ids:" + short_digest(ids, 16)
 
 
 def read_requests(source: Path | list[EditRequest], n_requests: int | None) -> list[EditRequest]:

@@ -31,6 +31,8 @@ from lightning_kedit.errors import KeditError
 from lightning_kedit.models import ModelAdapter
 from lightning_kedit.statistics import KeyStatistics, KeyTracker, track_keys
 
+from .configuration_error import KeditConfigurationError
+
 __all__ = [
     "BATCH_SOURCES",
     "BatchKeyCollector",
@@ -70,7 +72,7 @@ def check_statistics_source(statistics: Any, moments: Sequence[str]) -> None:
     """
     if batch_source(statistics) is not None:
         if statistics == "predict" and "predict_start" in moments:
-            raise KeditError(
+            raise KeditConfigurationError(
                 "`statistics`='predict' with edit_at='predict_start': no prediction batch has run at "
                 "predict start; take the statistics from a file, a text source or training batches"
             )
@@ -78,7 +80,7 @@ def check_statistics_source(statistics: Any, moments: Sequence[str]) -> None:
         paths = [statistics] if isinstance(statistics, (str, os.PathLike)) else list(statistics)
         missing = [str(p) for p in paths if not Path(p).expanduser().is_file()]
         if missing:
-            raise KeditError(
+            raise KeditConfigurationError(
                 f"`statistics` file(s) {missing} not found; give {BATCH_SOURCES}, a statistics "
                 ".safetensors file, text file(s), a KeyStatistics or None"
             )

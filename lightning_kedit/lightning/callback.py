@@ -46,9 +46,8 @@ from typing_extensions import override
 # Imported at run time, not only for type checking: LightningCLI (jsonargparse) reads the signature.
 from lightning_kedit.editing.damage_guard import DamageGuard
 from lightning_kedit.editing.hparams import METHODS, EditHyperParams, hparams_with_overrides
-from lightning_kedit.editing.keys import eval_mode
-from lightning_kedit.errors import KeditError
 from lightning_kedit.models import ModelAdapter
+from lightning_kedit.models.model_mode import eval_mode
 from lightning_kedit.requests import EditRequest
 from lightning_kedit.statistics import KeyStatistics
 
@@ -69,6 +68,7 @@ from .batch_statistics import (
     gather_statistics,
     open_statistics,
 )
+from .configuration_error import KeditConfigurationError
 from .delta_placement import check_edit_as, check_model_for, put_delta, take_delta
 from .edit_guard import check_on_damage, guard_delta, handle_rejection, resolve_guard
 from .edit_metrics import (
@@ -79,7 +79,7 @@ from .edit_metrics import (
     log_edit_metrics,
     metric_names,
 )
-from .edit_moments import EDIT_MOMENTS, Moment, check_moments, moment_key
+from .edit_moments import EDIT_MOMENTS, Moment, check_moments, moment_key, takes_moment
 from .statistics_checkpoint import restore_statistics, save_statistics_files
 from .strategies import check_edit_weights, check_strategy, language_model, module_tokenizer, same_on_every_rank
 
@@ -95,7 +95,7 @@ class KnowledgeEditCallback(Callback):
 
     You can decide when to edit with ``edit_at`` (any of ``"fit_end"``, ``"epoch_end"``, ``"step"``,
     ``"predict_start"``), or by overriding :meth:`should_edit`, which is asked at each of those moments
-    (``self.moment`` says which). Each edit happens at most once per moment key (``"fit_end"``,
+    (its ``moment`` argument says which). Each edit happens at most once per moment key (``"fit_end"``,
     ``"epoch:3"``, ``"step:200"``, ``"predict_start"``), also across a resume from a checkpoint.
 
     Args:
@@ -131,12 +131,11 @@ class KnowledgeEditCallback(Callback):
     Example::
 
         class EditWhenLossIsLow(KnowledgeEditCallback):
-            def should_edit(self, trainer, pl_module):
-                return self.moment == "epoch_end" and trainer.callback_metrics["train_loss"] < 2.0
+            def should_edit(self, trainer, pl_module, moment):
+                return moment == "epoch_end" and trainer.callback_metrics["train_loss"] < 2.0
 
         trainer = Trainer(callbacks=[EditWhenLossIsLow("facts.json", edit_at="epoch_end")])
     """
-
     def __init__(
         self,
         # Tuples rather than sequences in these hints: LightningCLI (jsonargparse) reads a path given for a
@@ -165,14 +164,16 @@ class KnowledgeEditCallback(Callback):
     ) -> None:
         self._requests_source, requests_key = requests_source(requests, n_requests)
         if method not in METHODS:
-            raise KeditError(f"`method` must be one of {METHODS}, got {method!r}")
+            raise KeditConfigurationError(f"`method` must be one of {METHODS}, got {method!r}")
         moments = check_moments(edit_at, every_n_steps, epochs, revert_at)
         check_statistics_source(statistics, moments)
         names = metric_names(metrics)
         if ppl_text is not None and not Path(ppl_text).expanduser().is_file():
-            raise KeditError(f"`ppl_text` file {str(ppl_text)!r} not found; give a UTF-8 text file or None")
+            raise KeditConfigurationError(
+                f"`ppl_text` file {str(ppl_text)!r} not found; give a UTF-8 text file or None"
+            )
         if statistics_tokens < 1 or ppl_tokens < 1:
-            raise KeditError(f"token counts must be >= 1, got {statistics_tokens=} and {ppl_tokens=}")
+            raise KeditConfigurationError(f"token counts must be >= 1, got {statistics_tokens=} and {ppl_tokens=}")
 
         self.n_requests = n_requests
         self.method = method
@@ -199,7 +200,7 @@ class KnowledgeEditCallback(Callback):
             requests=requests_key, method=method, layers=self.layers, edit_at=self.edit_at
         )
 
-        #: The moment being considered by :meth:`should_edit`.
+        #: Deprecated: the moment, for overrides of :meth:`should_edit` without the ``moment`` argument.
         self.moment: Moment | None = None
         #: One dict of metrics per edit made in this process, oldest first.
         self.history: list[dict[str, Any]] = []
@@ -226,20 +227,22 @@ class KnowledgeEditCallback(Callback):
         """``"train"``, ``"validation"`` or ``"predict"`` when statistics come from batches, else None."""
         return batch_source(self._statistics_arg)
 
-    def should_edit(self, trainer: Trainer, pl_module: LightningModule) -> bool:
-        """Whether to edit now; ``self.moment`` is ``"step"``, ``"epoch_end"``, ``"fit_end"`` or ``"predict_start"``.
+    def should_edit(self, trainer: Trainer, pl_module: LightningModule, moment: Moment | None = None) -> bool:
+        """Whether to edit at ``moment``: ``"step"``, ``"epoch_end"``, ``"fit_end"`` or ``"predict_start"``.
 
         Override to edit on other conditions. Under DDP the answer must be the same on every process.
+        An override without ``moment`` (reading ``self.moment``) still works, with a ``DeprecationWarning``.
         """
-        if self.moment not in self.edit_at:
+        moment = self.moment if moment is None else moment
+        if moment not in self.edit_at:
             return False
-        if self.moment == "epoch_end":
+        if moment == "epoch_end":
             return self.epochs is None or trainer.current_epoch in self.epochs
-        if self.moment == "step":
+        if moment == "step":
             return trainer.global_step > 0 and trainer.global_step % cast(int, self.every_n_steps) == 0
         return True
 
-    # ------------------------------------------------------------------------------------------- set-up
+    # ------------------------------------------------- Lightning hooks, in the order Lightning calls them
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         check_strategy(trainer.strategy)
@@ -257,21 +260,21 @@ class KnowledgeEditCallback(Callback):
             self.statistics = open_statistics(trainer, model, tokenizer, self._statistics_arg, layers,
                                               self.statistics_tokens)
 
-    # ------------------------------------------------------------------------ statistics from batches
-    def _start_collecting(self, pl_module: LightningModule, source: str) -> None:
-        if self.statistics_source != source or self._collector.active:
-            return
-        statistics = cast(KeyStatistics, self.statistics).to(pl_module.device)
-        self._collector.start(language_model(pl_module), statistics)
-
-    def _batch_start(self, batch: Any, source: str, trainer: Trainer) -> None:
-        if self.statistics_source == source and not trainer.sanity_checking:
-            self._collector.batch_start(batch)
-
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._start_collecting(pl_module, "train")
         self._start_collecting(pl_module, "validation")
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_start(batch, "train", trainer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._collector.batch_end()
+        self._maybe_edit(trainer, pl_module, "step")
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -279,20 +282,10 @@ class KnowledgeEditCallback(Callback):
             self._start_collecting(pl_module, "validation")
 
     @override
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._batch_start(batch, "train", trainer)
-
-    @override
     def on_validation_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         self._batch_start(batch, "validation", trainer)
-
-    @override
-    def on_predict_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
-    ) -> None:
-        self._batch_start(batch, "predict", trainer)
 
     @override
     def on_validation_batch_end(
@@ -302,24 +295,9 @@ class KnowledgeEditCallback(Callback):
         self._collector.batch_end()
 
     @override
-    def on_predict_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self._collector.batch_end()
-
-    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == "validate":
             self._collector.stop()
-
-    # ----------------------------------------------------------------------------------- when to edit
-    @override
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._collector.batch_end()
-        self._maybe_edit(trainer, pl_module, "step")
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -341,10 +319,52 @@ class KnowledgeEditCallback(Callback):
         self._start_collecting(pl_module, "predict")
 
     @override
+    def on_predict_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_start(batch, "predict", trainer)
+
+    @override
+    def on_predict_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self._collector.batch_end()
+
+    @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._collector.stop()
         if self.revert_at == "predict_end":
             self.revert(trainer)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"applied": [asdict(record) for record in self._applied]}
+        if self.checkpoint_deltas:
+            state["deltas"] = {r.digest: delta_to_bytes(self._deltas[r.digest]) for r in self._applied}
+        return state
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Statistics from batches go to one file per process beside the checkpoint (statistics_checkpoint.py).
+        if self.statistics is not None and self.statistics_source is not None:
+            state = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})
+            state["statistics_files"] = save_statistics_files(trainer, self.statistics)
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.statistics is not None and self.statistics_source is not None:
+            restore_statistics(trainer, self.statistics, checkpoint.get("callbacks", {}).get(self.state_key, {}))
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The weights restored with this state already hold these edits: they are recorded, not re-applied.
+        self._applied = [AppliedEdit.from_dict(item) for item in state_dict.get("applied", [])]
+        for digest, payload in state_dict.get("deltas", {}).items():
+            self._deltas[digest] = delta_from_bytes(payload)
+        if self._applied:
+            keys = ", ".join(record.key for record in self._applied)
+            rank_zero_info(f"KnowledgeEditCallback: restored {len(self._applied)} applied edit(s): {keys}")
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -356,18 +376,29 @@ class KnowledgeEditCallback(Callback):
         if self.revert_at == "teardown":
             self.revert(trainer)
 
+    # --------------------------------------------------------------------- editing, statistics, revert
+    def _start_collecting(self, pl_module: LightningModule, source: str) -> None:
+        if self.statistics_source != source or self._collector.active:
+            return
+        statistics = cast(KeyStatistics, self.statistics).to(pl_module.device)
+        self._collector.start(language_model(pl_module), statistics)
+
+    def _batch_start(self, batch: Any, source: str, trainer: Trainer) -> None:
+        if self.statistics_source == source and not trainer.sanity_checking:
+            self._collector.batch_start(batch)
+
     def _maybe_edit(self, trainer: Trainer, pl_module: LightningModule, moment: Moment) -> None:
         key = moment_key(trainer, moment)
         if any(record.key == key for record in self._applied):
             return
-        self.moment = moment
+        self.moment = moment  # deprecated: read by overrides of should_edit without `moment`
         try:
-            if self.should_edit(trainer, pl_module):
+            new_style = takes_moment(self.should_edit)
+            if self.should_edit(trainer, pl_module, moment) if new_style else self.should_edit(trainer, pl_module):
                 self.edit(trainer, pl_module, key=key, can_log=moment in ("step", "epoch_end"))
         finally:
             self.moment = None
 
-    # ------------------------------------------------------------------------------------------ editing
     def edit(
         self, trainer: Trainer, pl_module: LightningModule, *, key: str = "manual", can_log: bool = False
     ) -> EditDelta:
@@ -467,34 +498,3 @@ class KnowledgeEditCallback(Callback):
     def _evaluate(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
         """The edit metrics of the requests now (``{}`` when none is reported)."""
         return evaluate_edit(model, tokenizer, self.requests, self.metrics, self.ppl_text, self.ppl_tokens)
-
-    # -------------------------------------------------------------------------------------- checkpoints
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"applied": [asdict(record) for record in self._applied]}
-        if self.checkpoint_deltas:
-            state["deltas"] = {r.digest: delta_to_bytes(self._deltas[r.digest]) for r in self._applied}
-        return state
-
-    @override
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        # Statistics from batches go to one file per process beside the checkpoint (statistics_checkpoint.py).
-        if self.statistics is not None and self.statistics_source is not None:
-            state = checkpoint.setdefault("callbacks", {}).setdefault(self.state_key, {})
-            state["statistics_files"] = save_statistics_files(trainer, self.statistics)
-
-    @override
-    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
-        if self.statistics is not None and self.statistics_source is not None:
-            restore_statistics(trainer, self.statistics, checkpoint.get("callbacks", {}).get(self.state_key, {}))
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # The weights restored with this state already hold these edits: they are recorded, not re-applied.
-        self._applied = [AppliedEdit.from_dict(item) for item in state_dict.get("applied", [])]
-        for digest, payload in state_dict.get("deltas", {}).items():
-            self._deltas[digest] = delta_from_bytes(payload)
-        if self._applied:
-            keys = ", ".join(record.key for record in self._applied)
-            rank_zero_info(f"KnowledgeEditCallback: restored {len(self._applied)} applied edit(s): {keys}")
-

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from lightning_kedit.errors import KeditError
 from lightning_kedit.models.sharding import is_sharded_model
+
+from .configuration_error import KeditConfigurationError
 
 if TYPE_CHECKING:
     from lightning_kedit.editing.delta import EditDelta
@@ -35,7 +36,7 @@ EDIT_AS = ("weights", "adapter")
 def check_edit_as(edit_as: str) -> str:
     """``edit_as`` if it is one of :data:`EDIT_AS`, else a :class:`KeditError` naming the choices."""
     if edit_as not in EDIT_AS:
-        raise KeditError(f"`edit_as` must be one of {EDIT_AS}, got {edit_as!r}")
+        raise KeditConfigurationError(f"`edit_as` must be one of {EDIT_AS}, got {edit_as!r}")
     return edit_as
 
 
@@ -50,11 +51,14 @@ def check_model_for(edit_as: str, model: nn.Module) -> None:
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
-        raise KeditError(f"edit_as='adapter' needs a peft.PeftModel, got {type(model).__name__}; wrap it with "
-                         "peft.get_peft_model, or use edit_as='weights' to write the edit into the weights")
+        raise KeditConfigurationError(
+            f"edit_as='adapter' needs a peft.PeftModel, got {type(model).__name__}; wrap it with "
+            "peft.get_peft_model, or use edit_as='weights' to write the edit into the weights"
+        )
     if is_sharded_model(model):
-        raise KeditError("edit_as='adapter' is not supported on a sharded (fully_shard) model; "
-                         "use edit_as='weights'")
+        raise KeditConfigurationError(
+            "edit_as='adapter' is not supported on a sharded (fully_shard) model; use edit_as='weights'"
+        )
 
 
 def adapter_name(key: str) -> str:

@@ -21,8 +21,9 @@ from torch import nn
 
 from lightning_kedit.editing.damage_guard import DamageGuard, DamageReport
 from lightning_kedit.editing.delta import EditDelta
-from lightning_kedit.errors import KeditError
 from lightning_kedit.requests import EditRequest
+
+from .configuration_error import KeditConfigurationError
 
 __all__ = ["ON_DAMAGE", "check_on_damage", "guard_delta", "handle_rejection", "resolve_guard"]
 
@@ -33,7 +34,7 @@ ON_DAMAGE = ("skip", "raise", "apply")
 def check_on_damage(on_damage: str) -> str:
     """``on_damage`` if it is one of :data:`ON_DAMAGE`, else a :class:`KeditError` naming the choices."""
     if on_damage not in ON_DAMAGE:
-        raise KeditError(f"`on_damage` must be one of {ON_DAMAGE}, got {on_damage!r}")
+        raise KeditConfigurationError(f"`on_damage` must be one of {ON_DAMAGE}, got {on_damage!r}")
     return on_damage
 
 
@@ -43,7 +44,9 @@ def resolve_guard(damage_guard: DamageGuard | bool) -> DamageGuard | None:
         return damage_guard
     if isinstance(damage_guard, bool):
         return DamageGuard() if damage_guard else None
-    raise KeditError(f"`damage_guard` must be a DamageGuard, True or False, got {type(damage_guard).__name__}")
+    raise KeditConfigurationError(
+        f"`damage_guard` must be a DamageGuard, True or False, got {type(damage_guard).__name__}"
+    )
 
 
 def guard_delta(

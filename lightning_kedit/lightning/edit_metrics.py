@@ -1,6 +1,6 @@
 """The metrics the callback reports after each edit: measured before and after, logged, and summarised.
 
-The edit metrics are those of :func:`~lightning_kedit.metrics.evaluate_requests` on the edited requests
+The edit metrics are those of ``evaluation.request_evaluation.evaluate_requests`` on the edited requests
 (efficacy, paraphrase, neighbourhood, consistency, score) and, with a text, its perplexity. After an edit they
 are reported with the number of facts and the seconds it took, as ``edit/<name>`` (the value after the edit)
 and ``edit/<name>_before``, through ``LightningModule.log`` inside hooks where logging is allowed, and
@@ -23,8 +23,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from lightning_kedit.errors import KeditError
 from lightning_kedit.requests import EditRequest
+
+from .configuration_error import KeditConfigurationError
 
 __all__ = ["EDIT_METRICS", "announce_edit", "edit_metric_values", "evaluate_edit", "log_edit_metrics", "metric_names"]
 
@@ -42,7 +43,7 @@ def metric_names(metrics: bool | Sequence[str]) -> tuple[str, ...]:
     names = list(EDIT_METRICS) if metrics is True else [] if metrics is False else list(metrics)
     bad = [m for m in names if m not in EDIT_METRICS]
     if bad:
-        raise KeditError(f"`metrics` has unknown names {bad}; choose from {EDIT_METRICS}")
+        raise KeditConfigurationError(f"`metrics` has unknown names {bad}; choose from {EDIT_METRICS}")
     return tuple(names)
 
 
@@ -57,7 +58,7 @@ def evaluate_edit(
     """The current values of ``metrics`` on ``requests`` (``{}`` when none is asked for)."""
     if not metrics:
         return {}
-    from lightning_kedit.metrics import evaluate_requests
+    from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 
     text = ppl_text if "perplexity" in metrics else None
     return evaluate_requests(model, tokenizer, list(requests), ppl_text=text, ppl_tokens=ppl_tokens)

@@ -13,14 +13,16 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 from lightning.pytorch import Trainer
 
-from lightning_kedit.errors import KeditError
+from .configuration_error import KeditConfigurationError
 
-__all__ = ["EDIT_MOMENTS", "REVERT_MOMENTS", "Moment", "check_moments", "moment_key"]
+__all__ = ["EDIT_MOMENTS", "REVERT_MOMENTS", "Moment", "check_moments", "moment_key", "takes_moment"]
 
 Moment = Literal["step", "epoch_end", "fit_end", "predict_start"]
 #: The moments at which the callback can edit.
@@ -35,24 +37,26 @@ def check_moments(
     """The moments of ``edit_at``, checked together with the settings that go with them.
 
     Raises:
-        KeditError: an unknown moment, ``"step"`` without ``every_n_steps`` (or the reverse), ``epochs``
+        KeditConfigurationError: an unknown moment, ``"step"`` without ``every_n_steps`` (or the reverse), ``epochs``
             without ``"epoch_end"``, or an unknown ``revert_at``.
     """
     moments = [edit_at] if isinstance(edit_at, str) else list(edit_at)
     unknown = [m for m in moments if m not in EDIT_MOMENTS]
     if unknown:
-        raise KeditError(f"`edit_at`={edit_at!r} has unknown moments {unknown}; choose from {EDIT_MOMENTS}")
+        raise KeditConfigurationError(
+            f"`edit_at`={edit_at!r} has unknown moments {unknown}; choose from {EDIT_MOMENTS}"
+        )
     if ("step" in moments) != (every_n_steps is not None):
-        raise KeditError(
+        raise KeditConfigurationError(
             f"`every_n_steps`={every_n_steps} and `edit_at`={edit_at!r} disagree: give edit_at='step' "
             "together with every_n_steps=N"
         )
     if every_n_steps is not None and every_n_steps < 1:
-        raise KeditError(f"`every_n_steps` must be >= 1, got {every_n_steps}")
+        raise KeditConfigurationError(f"`every_n_steps` must be >= 1, got {every_n_steps}")
     if epochs is not None and "epoch_end" not in moments:
-        raise KeditError(f"`epochs`={list(epochs)} needs edit_at='epoch_end', got edit_at={edit_at!r}")
+        raise KeditConfigurationError(f"`epochs`={list(epochs)} needs edit_at='epoch_end', got edit_at={edit_at!r}")
     if revert_at is not None and revert_at not in REVERT_MOMENTS:
-        raise KeditError(f"`revert_at` must be one of {REVERT_MOMENTS} or None, got {revert_at!r}")
+        raise KeditConfigurationError(f"`revert_at` must be one of {REVERT_MOMENTS} or None, got {revert_at!r}")
     return tuple(moments)
 
 
@@ -63,3 +67,30 @@ def moment_key(trainer: Trainer, moment: Moment) -> str:
     if moment == "epoch_end":
         return f"epoch:{trainer.current_epoch}"
     return moment
+
+
+def takes_moment(should_edit: Callable[..., bool]) -> bool:
+    """Whether a bound ``should_edit`` takes the moment as its third argument (``trainer, pl_module, moment``).
+
+    An override with the old signature ``should_edit(trainer, pl_module)``, which reads ``self.moment``, gets a
+    ``DeprecationWarning``.
+
+    Example:
+        >>> takes_moment(lambda trainer, pl_module, moment=None: True)
+        True
+    """
+    parameters = list(inspect.signature(should_edit).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in parameters) or "moment" in {
+        p.name for p in parameters
+    }:
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 3:
+        return True
+    warnings.warn(
+        f"{getattr(should_edit, '__qualname__', 'should_edit')}(trainer, pl_module) reads `self.moment`, which is "
+        "deprecated: override should_edit(self, trainer, pl_module, moment) and use its `moment` argument",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return False

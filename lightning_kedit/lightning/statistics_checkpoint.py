@@ -36,8 +36,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
-from lightning_kedit.atomic_files import atomic_save_safetensors
 from lightning_kedit.errors import KeditError
+from lightning_kedit.files import atomic_save_safetensors
 from lightning_kedit.statistics import KeyStatistics
 
 __all__ = [

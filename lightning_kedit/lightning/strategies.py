@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy, Strategy
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
@@ -32,6 +31,7 @@ from lightning_kedit.models import ModelAdapter
 from lightning_kedit.models.sharding import is_sharded, is_sharded_model
 
 from .applied_edits import delta_from_bytes, delta_to_bytes
+from .configuration_error import KeditConfigurationError
 
 if TYPE_CHECKING:
     from lightning_kedit.editing.delta import EditDelta
@@ -46,36 +46,36 @@ def check_strategy(strategy: Strategy) -> None:
     """Refuse strategies whose weights the edit cannot read and write layer by layer.
 
     Raises:
-        MisconfigurationException: DeepSpeed, FSDPStrategy (FSDP1), tensor parallelism or another strategy,
+        KeditConfigurationError: DeepSpeed, FSDPStrategy (FSDP1), tensor parallelism or another strategy,
             named, with what to use instead.
     """
     name = type(strategy).__name__
     if "DeepSpeed" in name:
-        raise MisconfigurationException(
+        raise KeditConfigurationError(
             f"KnowledgeEditCallback does not support {name}: DeepSpeed partitions the weights it edits; {_USE}"
         )
     if isinstance(strategy, ModelParallelStrategy):
         size = getattr(strategy, "_tensor_parallel_size", "auto")
         if size != 1:
-            raise MisconfigurationException(
+            raise KeditConfigurationError(
                 f"KnowledgeEditCallback does not support {name} with tensor_parallel_size={size!r}: tensor "
                 f"parallelism splits each projection across processes; {_USE}"
             )
         return
     if "FSDP" in name:
-        raise MisconfigurationException(
+        raise KeditConfigurationError(
             f"KnowledgeEditCallback does not support {name} (FSDP1): its flat parameters can only be read by "
             f"gathering whole units, and the edit's forward passes would have to run inside that gather; {_USE}"
         )
     if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        raise MisconfigurationException(f"KnowledgeEditCallback does not support {name}; {_USE}")
+        raise KeditConfigurationError(f"KnowledgeEditCallback does not support {name}; {_USE}")
 
 
 def check_edit_weights(adapter: ModelAdapter, layers: list[int]) -> None:
     """Refuse edit weights sharded otherwise than by ``fully_shard`` (tensor parallelism set up by the module).
 
     Raises:
-        MisconfigurationException: an edit layer's weight is a ``DTensor`` of a model that ``fully_shard`` did
+        KeditConfigurationError: an edit layer's weight is a ``DTensor`` of a model that ``fully_shard`` did
             not shard, or of more than one mesh dimension with a shard other than rows.
     """
     for layer in layers:
@@ -87,7 +87,7 @@ def check_edit_weights(adapter: ModelAdapter, layers: list[int]) -> None:
         placements = list(getattr(weight, "placements", ()))
         column_shards = any(isinstance(p, Shard) and p.dim != 0 for p in placements)
         if not is_sharded_model(adapter.model) or column_shards:
-            raise MisconfigurationException(
+            raise KeditConfigurationError(
                 f"KnowledgeEditCallback: the weight of edit layer {layer} is a DTensor placed {placements}, not a "
                 f"fully_shard (FSDP2) row shard: tensor parallelism is not supported; {_USE}"
             )
@@ -97,14 +97,14 @@ def language_model(pl_module: LightningModule) -> nn.Module:
     """The Hugging Face causal LM of ``pl_module``: its ``model`` attribute, or the module itself.
 
     Raises:
-        MisconfigurationException: ``pl_module`` holds no model with a ``config``.
+        KeditConfigurationError: ``pl_module`` holds no model with a ``config``.
     """
     model = getattr(pl_module, "model", None)
     if isinstance(model, nn.Module) and hasattr(model, "config"):
         return model
     if hasattr(pl_module, "config"):
         return pl_module
-    raise MisconfigurationException(
+    raise KeditConfigurationError(
         f"KnowledgeEditCallback needs a Hugging Face causal LM: {type(pl_module).__name__} has no `model` "
         "attribute holding one; use KnowledgeEditModule or keep the model in `self.model`"
     )
@@ -114,11 +114,11 @@ def module_tokenizer(pl_module: LightningModule, given: Any = None) -> Any:
     """``given``, or the ``tokenizer`` attribute of ``pl_module`` (as :class:`KnowledgeEditModule` has).
 
     Raises:
-        MisconfigurationException: neither is there.
+        KeditConfigurationError: neither is there.
     """
     tokenizer = given or getattr(pl_module, "tokenizer", None)
     if tokenizer is None:
-        raise MisconfigurationException(
+        raise KeditConfigurationError(
             "KnowledgeEditCallback needs a tokenizer: pass `tokenizer=` or give the LightningModule a "
             "`tokenizer` attribute (KnowledgeEditModule has one)"
         )

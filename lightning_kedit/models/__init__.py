@@ -1,5 +1,6 @@
 """Model loading and per-architecture adapters."""
 
+from lightning_kedit.files import cache_dir
 from lightning_kedit.models.adapters import (
     ADAPTER_TABLE,
     AdapterSpec,
@@ -9,7 +10,7 @@ from lightning_kedit.models.adapters import (
     default_edit_layers,
     register_adapter,
 )
-from lightning_kedit.models.loading import EMBEDDED_MODELS, cache_dir, load_model, resolve_model_spec
+from lightning_kedit.models.loading import EMBEDDED_MODELS, load_model, resolve_model_spec
 
 __all__ = [
     "ADAPTER_TABLE",

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_kedit.files import short_digest
 from lightning_kedit.models.adapters import ModelAdapter
 
 __all__ = [
@@ -77,7 +78,7 @@ def vocab_hash(tokenizer: Any) -> str:
     vocab = tokenizer.get_vocab()
     special = sorted(str(token) for token in getattr(tokenizer, "all_special_tokens", []))
     payload = json.dumps([sorted(vocab.items()), special], separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(payload.encode()).hexdigest()[:_HASH_CHARS]
+    return short_digest(payload, _HASH_CHARS)
 
 
 def model_fingerprint(model: nn.Module, tokenizer: Any | None, layers: Sequence[int]) -> dict[str, str]:
@@ -142,7 +143,7 @@ def fingerprint_digest(fingerprint: Mapping[str, str], *extra: str) -> str:
         True
     """
     payload = json.dumps([sorted(fingerprint.items()), list(extra)], separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()[:_HASH_CHARS]
+    return short_digest(payload, _HASH_CHARS)
 
 
 def fingerprint_mismatches(

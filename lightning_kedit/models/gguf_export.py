@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from lightning_kedit.atomic_files import atomic_path
 from lightning_kedit.errors import KeditError
+from lightning_kedit.files import atomic_path
 
 if TYPE_CHECKING:
     from lightning_kedit.editing.delta import EditDelta

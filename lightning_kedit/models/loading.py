@@ -20,10 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_kedit.atomic_files import atomic_directory, exclusive_build
 from lightning_kedit.errors import ModelLoadError
+from lightning_kedit.files import atomic_directory, cache_dir, exclusive_build
 
-__all__ = ["EMBEDDED_MODELS", "cache_dir", "gguf_cache_folder", "load_model", "resolve_model_spec"]
+__all__ = ["EMBEDDED_MODELS", "gguf_cache_folder", "load_model", "resolve_model_spec"]
 
 #: Named models shipped inside PyPI packages: name -> (package, GGUF file name).
 EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
@@ -31,11 +31,6 @@ EMBEDDED_MODELS: dict[str, tuple[str, str]] = {
 }
 
 _GGUF_MAGIC = b"GGUF"
-
-
-def cache_dir() -> Path:
-    """The cache root: ``$KEDIT_CACHE`` or ``~/.cache/lightning_kedit``."""
-    return Path(os.environ.get("KEDIT_CACHE", Path.home() / ".cache" / "lightning_kedit")).expanduser()
 
 
 def _embedded_gguf(name: str) -> Path:

@@ -122,7 +122,7 @@ class EditAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         """Load the model and its key statistics (on the unedited weights), then follow the history."""
-        from lightning_kedit.editing.editor import resolve_statistics
+        from lightning_kedit.editing.edit_inputs import resolve_statistics
         from lightning_kedit.editing.hparams import EditHyperParams
         from lightning_kedit.models.fingerprint import model_fingerprint
         from lightning_kedit.models.loading import load_model
@@ -196,7 +196,7 @@ class EditAPI(ls.LitAPI):
 
     def _edit_attempts(self, batch: list[_Submission], requests: list[EditRequest]) -> list[dict[str, Any]]:
         from lightning_kedit.editing.editor import compute_edit
-        from lightning_kedit.metrics import evaluate_requests
+        from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 
         for _ in range(_ATTEMPTS):
             start = time.perf_counter()

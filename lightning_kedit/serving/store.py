@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_kedit.atomic_files import atomic_write_json, exclusive_build
 from lightning_kedit.editing.delta import EditDelta
 from lightning_kedit.errors import KeditError
+from lightning_kedit.files import atomic_write_json, exclusive_build
 
 __all__ = ["EditConflictError", "HistoryStore", "Manifest", "StaleEditError", "UnknownEditError"]
 

@@ -27,10 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kedit.errors import KeditError
-from lightning_kedit.hooks import input_hooks, run_until
+from lightning_kedit.evaluation.text_windows import text_windows, window_batches
 from lightning_kedit.models.adapters import ModelAdapter
+from lightning_kedit.models.forward_hooks import input_hooks, run_until
 from lightning_kedit.statistics.key_statistics import KeyStatistics
-from lightning_kedit.text_windows import text_windows, window_batches
 
 __all__ = [
     "KeyTracker",
@@ -300,8 +300,8 @@ def statistics_cache_path(
     The digest covers the model fingerprint (model type, sizes, the edit layers' weights, the tokenizer
     vocabulary) and the collection settings, so that other data or another budget is another entry.
     """
+    from lightning_kedit.files import cache_dir
     from lightning_kedit.models.fingerprint import fingerprint_digest, model_fingerprint
-    from lightning_kedit.models.loading import cache_dir
 
     settings = f"{describe_source(source)}|{max_tokens}|{window}|{skip_bos}"
     if product_dtype not in (None, torch.float64):

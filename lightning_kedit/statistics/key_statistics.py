@@ -40,8 +40,8 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.utilities.distributed import gather_all_tensors
 
-from lightning_kedit.atomic_files import atomic_save_safetensors
 from lightning_kedit.errors import KeditError, StatisticsMismatchError
+from lightning_kedit.files import atomic_save_safetensors
 
 __all__ = ["FORMAT", "KeyStatistics", "accumulate_outer", "symmetric_from_lower"]
 

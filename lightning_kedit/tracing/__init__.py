@@ -16,6 +16,7 @@ The package's modules:
 - :mod:`.trace`: :func:`causal_trace`, one prompt's trace.
 - :mod:`.averaging`: :func:`average_trace` over many facts; :func:`best_window`, :func:`select_edit_window` and
   :func:`choose_edit_layers` (``layers="auto"``).
+- :mod:`.plots`: heatmaps of a trace and curves of an averaged trace (matplotlib, imported on use).
 
 Example:
     >>> from lightning_kedit import load_model  # doctest: +SKIP

@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_kedit.atomic_files import atomic_write_json
+from lightning_kedit.files import atomic_write_json, cache_dir
 from lightning_kedit.models.adapters import ModelAdapter
-from lightning_kedit.models.loading import cache_dir
 from lightning_kedit.requests import EditRequest
 
 from .results import KINDS, AverageTrace, TracingError

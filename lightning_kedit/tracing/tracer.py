@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_kedit.hooks import capture_outputs, first_tensor, output_hooks, replace_first_tensor
 from lightning_kedit.models.adapters import ModelAdapter, forward_parameters, kv_cache_argument
+from lightning_kedit.models.forward_hooks import capture_outputs, first_tensor, output_hooks, replace_first_tensor
 
 __all__ = ["Tracer", "embedding_noise_scale", "model_device", "restored_layers"]
 

@@ -24,8 +24,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from lightning_kedit.atomic_files import atomic_write_text
 from lightning_kedit.errors import KeditError
+from lightning_kedit.files import atomic_write_text
 from lightning_kedit.lightning.data import TextDataModule
 from lightning_kedit.lightning.module import KnowledgeEditModule
 

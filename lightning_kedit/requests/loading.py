@@ -1,40 +1,6 @@
-"""Edit requests: what fact to write, and the prompts that judge the edit.
-
-`load_requests` reads a JSON file (a list of records, or one record) or a JSON Lines file (one record per
-line) and recognises its layout from the first record's fields:
-
-========================  ====================================================================================
-layout                    key fields
-========================  ====================================================================================
-``kedit``                 ``case_id, prompt, subject, target_new[, target_true, paraphrase_prompts,
-                          neighborhood, consistency, generation_prompts, chain_id, attribute_prompts]``
-``rome-counterfact``      ``requested_rewrite{prompt, subject, target_new{str}, target_true{str}}``,
-                          ``paraphrase_prompts, neighborhood_prompts, attribute_prompts, generation_prompts``
-``knowedit-counterfact``  ``prompt, subject, target_new, ground_truth, rephrase_prompt, locality_prompt,
-                          locality_ground_truth``
-``knowedit-zsre``         ``prompt, subject, target_new, ground_truth (a list), rephrase_prompt,
-                          locality{kind: [{prompt, ground_truth}]}, portability{kind: [{prompt, ground_truth}]}``
-``mend-zsre``             ``src, subject, alt, answers, rephrase, loc, loc_ans``
-``mquake``                ``requested_rewrite`` (a list: a chain), ``questions, new_answer, new_answer_alias``
-========================  ====================================================================================
-
-The ``kedit`` layout is this project's own schema, written by `save_requests`: one object per request whose
-keys are the `EditRequest` fields; ``neighborhood`` and ``consistency`` are lists of ``{"prompt", "answer"}``
-objects (optionally with ``"aliases"``), ``target_true`` may be ``null`` and every list may be left out.
-``prompt`` holds ``{}`` once where the subject goes; a prompt with the subject written out is accepted too.
-
-Conversion rules (see ``docs/requests.md``): a prompt with the subject written out gets ``{}`` in place of
-the subject's first occurrence; when the subject occurs only with other capitalisation, the prompt's
-spelling becomes the subject. zsRE answers are not counterfactual, so ``target_true`` is the first gold
-answer that differs from the new target (``None`` when there is none). Neighbour prompts keep the answer
-that must not change; portability questions and MQuAKE multi-hop questions become consistency prompts (the
-answer expected after the edit). Case ids become strings; records without one are numbered from 0.
+"""Request files: reading (:func:`load_requests`, any layout of :mod:`.layouts`), writing and the bundled data.
 
 Example:
-    >>> request = EditRequest(case_id="0", prompt="{} plays the", subject="Toko Yasuda",
-    ...                       target_new="piano", target_true="guitar")
-    >>> request.prompt_text
-    'Toko Yasuda plays the'
     >>> [r.case_id for r in bundled_requests()][:2]
     ['8798', '3212']
 """
@@ -45,16 +11,14 @@ import json
 import os
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_kedit.atomic_files import atomic_write_text
 from lightning_kedit.errors import RequestFormatError
+from lightning_kedit.files import atomic_write_text
+from lightning_kedit.requests.edit_request import EditRequest, PromptAnswer
 
 __all__ = [
-    "EditRequest",
-    "PromptAnswer",
     "bundled_corpus_path",
     "bundled_requests",
     "load_requests",
@@ -62,69 +26,7 @@ __all__ = [
     "save_requests",
 ]
 
-_DATA_DIR = Path(__file__).parent / "data"
-
-
-@dataclass(frozen=True)
-class PromptAnswer:
-    """A prompt and the answer expected after it (stored without a leading space).
-
-    ``aliases`` are other accepted spellings of the answer (MQuAKE, KnowEdit); scoring uses ``answer``.
-    """
-
-    prompt: str
-    answer: str
-    aliases: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class EditRequest:
-    """One fact to write into the model.
-
-    Args:
-        case_id: identifier, unique within a request file (kept as a string).
-        prompt: the edit prompt with ``{}`` exactly once where the subject goes.
-        subject: the subject whose fact changes.
-        target_new: the new answer (no leading space).
-        target_true: the answer the model should hold before the edit, when known.
-        paraphrase_prompts: filled prompts (subject written out) that should also give ``target_new``.
-        neighborhood: prompts about other subjects whose expected answer must not change.
-        consistency: prompts whose expected answer *after* the edit is given (implications, multi-hop).
-        generation_prompts: free-text prompts for fluency checks.
-        chain_id: requests sharing a chain id (an MQuAKE record) are edited together.
-        attribute_prompts: prompts about other subjects that already answer ``target_new`` (ROME's
-            CounterFact); kept for round trips, not used by the built-in metrics.
-    """
-
-    case_id: str
-    prompt: str
-    subject: str
-    target_new: str
-    target_true: str | None = None
-    paraphrase_prompts: tuple[str, ...] = ()
-    neighborhood: tuple[PromptAnswer, ...] = ()
-    consistency: tuple[PromptAnswer, ...] = ()
-    generation_prompts: tuple[str, ...] = field(default=(), repr=False)
-    chain_id: str | None = None
-    attribute_prompts: tuple[str, ...] = field(default=(), repr=False)
-
-    def __post_init__(self) -> None:
-        where = f"request {self.case_id!r}"
-        if self.prompt.count("{}") != 1:
-            raise RequestFormatError(f"{where}: `prompt` must hold '{{}}' exactly once, got {self.prompt!r}")
-        if not self.subject.strip():
-            raise RequestFormatError(f"{where}: `subject` is empty")
-        if not self.target_new.strip():
-            raise RequestFormatError(f"{where}: `target_new` is empty; give the new answer")
-        if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
-            raise RequestFormatError(
-                f"{where}: `target_new` equals `target_true` ({self.target_new!r}); an edit must change the answer"
-            )
-
-    @property
-    def prompt_text(self) -> str:
-        """The edit prompt with the subject written in."""
-        return self.prompt.replace("{}", self.subject)
+_DATA_DIR = Path(__file__).parents[1] / "data"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -247,7 +149,7 @@ def parse_request_records(
         >>> [r.prompt_text for r in parse_request_records([record], "request body")]
         ['Toko Yasuda plays the']
     """
-    from lightning_kedit.request_layouts import RecordLocation, detect_layout, unknown_layout_error
+    from lightning_kedit.requests.layouts import RecordLocation, detect_layout, unknown_layout_error
 
     path = Path(source)
     if not records:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_kedit.errors import RequestFormatError
-from lightning_kedit.requests import EditRequest, PromptAnswer
+from lightning_kedit.requests.edit_request import EditRequest, PromptAnswer
 
 __all__ = ["LAYOUTS", "Layout", "RecordLocation", "detect_layout", "unknown_layout_error"]
 

@@ -1,6 +1,7 @@
-"""Edit-quality metrics as torchmetrics ``Metric``\\ s, and ``evaluate_requests`` that computes them all.
+"""Edit-quality metrics as torchmetrics ``Metric``\\ s, each with its functional twin (``EditEfficacy`` and
+:func:`edit_efficacy`, ...); :mod:`.request_evaluation` runs a model over requests and computes them all.
 
-Every metric compares mean negative log-likelihoods (NLL, per answer token, see :mod:`lightning_kedit.scoring`).
+Every metric compares mean negative log-likelihoods (NLL, per answer token, see :mod:`.scoring`).
 For an expected answer :math:`e` and an alternative :math:`o` on one prompt, with :math:`p = \\exp(-\\mathrm{NLL})`
 the per-token geometric-mean probability,
 
@@ -19,7 +20,7 @@ model cannot tell the two answers apart). Means are over prompts.
   gold prefix, as zsRE is scored) and the probability form is the mean of :math:`p_e`;
 - token accuracy: the same measure for any answer (zsRE-style efficacy);
 - score: the harmonic mean of the efficacy, paraphrase and neighbourhood rates (ROME/MEMIT "S");
-- perplexity: :math:`\\exp(-\\sum \\log p / N)` over the tokens of a text (see :mod:`lightning_kedit.perplexity`).
+- perplexity: :math:`\\exp(-\\sum \\log p / N)` over the tokens of a text (see :mod:`.perplexity`).
 
 All states are sums, so they reduce across processes by sum.
 
@@ -34,19 +35,11 @@ Example:
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics import Metric
-
-from lightning_kedit.errors import KeditError
-from lightning_kedit.perplexity import perplexity
-from lightning_kedit.requests import EditRequest
-from lightning_kedit.scoring import score_answers
 
 __all__ = [
     "EditConsistency",
@@ -55,10 +48,15 @@ __all__ = [
     "EditScore",
     "EditSpecificity",
     "EditTokenAccuracy",
-    "RequestScores",
-    "evaluate_requests",
+    "edit_consistency",
+    "edit_efficacy",
+    "edit_generalization",
+    "edit_score",
+    "edit_specificity",
+    "edit_token_accuracy",
+    "preference_counts",
     "preference_probability",
-    "score_requests",
+    "token_accuracy_counts",
 ]
 
 Form = Literal["rate", "prob"]
@@ -88,6 +86,39 @@ def _check_form(form: str) -> None:
         raise ValueError(f"`form` must be 'rate' or 'prob', got {form!r}")
 
 
+def preference_counts(expected: Tensor, other: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+    """The sums one update adds: prompts with ``q > 1/2``, the sum of ``q`` and the number of prompts.
+
+    The one place the preference of an expected answer over an alternative is counted: the metrics' ``update``
+    and their functional twins all call it.
+
+    Example:
+        >>> hits, prob, total = preference_counts(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.5]))
+        >>> int(hits), total
+        (1, 2)
+    """
+    q = preference_probability(expected.double(), None if other is None else other.double())
+    return (q > 0.5).sum(), q.sum(), q.numel()
+
+
+def token_accuracy_counts(accuracy: Tensor, nll: Tensor) -> tuple[Tensor, Tensor, int]:
+    """The sums one update adds: token accuracies, ``exp(-nll)`` and the number of prompts."""
+    if accuracy.shape != nll.shape:
+        raise ValueError(f"`accuracy` has shape {tuple(accuracy.shape)} but `nll` has {tuple(nll.shape)}")
+    return accuracy.double().sum(), torch.exp(-nll.double()).sum(), accuracy.numel()
+
+
+def _mean(value: Tensor, total: Tensor) -> Tensor:
+    """``value / total``, NaN when nothing was counted."""
+    return value / total if total > 0 else torch.tensor(math.nan, dtype=torch.float64)
+
+
+def _sums() -> tuple[Tensor, Tensor, Tensor]:
+    """The zero states of a rate/probability metric: two float64 sums and a count."""
+    zero = torch.tensor(0.0, dtype=torch.float64)
+    return zero, zero.clone(), torch.tensor(0, dtype=torch.long)
+
+
 class _PreferenceMetric(Metric):
     """Rate (``mean[q > 1/2]``) or mean probability (``mean[q]``) of an expected answer over an alternative."""
 
@@ -108,15 +139,14 @@ class _PreferenceMetric(Metric):
 
     def update(self, expected: Tensor, other: Tensor | None = None) -> None:
         """Add prompts: ``expected`` and ``other`` are mean NLLs (``other`` None or NaN when unknown)."""
-        q = preference_probability(expected.double(), None if other is None else other.double())
-        self.hits += (q > 0.5).sum()
-        self.prob += q.sum()
-        self.total += q.numel()
+        hits, prob, total = preference_counts(expected, other)
+        self.hits += hits
+        self.prob += prob
+        self.total += total
 
     def compute(self) -> Tensor:
         """The rate or the mean probability; NaN before any update."""
-        value = self.hits if self.form == "rate" else self.prob
-        return value / self.total if self.total > 0 else torch.tensor(math.nan, dtype=torch.float64)
+        return _mean(self.hits if self.form == "rate" else self.prob, self.total)
 
 
 class EditEfficacy(_PreferenceMetric):
@@ -168,7 +198,7 @@ class EditTokenAccuracy(Metric):
     """Mean over prompts of the fraction of answer tokens predicted by argmax given the gold prefix.
 
     ``update(accuracy, nll)`` takes per-prompt token accuracies and mean NLLs (see
-    :class:`lightning_kedit.scoring.AnswerScores`).
+    :class:`lightning_kedit.evaluation.scoring.AnswerScores`).
 
     Args:
         form: ``"rate"`` (mean token accuracy) or ``"prob"`` (mean per-token probability ``exp(-nll)``).
@@ -197,16 +227,14 @@ class EditTokenAccuracy(Metric):
 
     def update(self, accuracy: Tensor, nll: Tensor) -> None:
         """Add prompts: per-prompt token accuracy in [0, 1] and mean NLL of the expected answer."""
-        if accuracy.shape != nll.shape:
-            raise ValueError(f"`accuracy` has shape {tuple(accuracy.shape)} but `nll` has {tuple(nll.shape)}")
-        self.accuracy += accuracy.double().sum()
-        self.prob += torch.exp(-nll.double()).sum()
-        self.total += accuracy.numel()
+        correct, prob, total = token_accuracy_counts(accuracy, nll)
+        self.accuracy += correct
+        self.prob += prob
+        self.total += total
 
     def compute(self) -> Tensor:
         """The mean token accuracy or the mean probability; NaN before any update."""
-        value = self.accuracy if self.form == "rate" else self.prob
-        return value / self.total if self.total > 0 else torch.tensor(math.nan, dtype=torch.float64)
+        return _mean(self.accuracy if self.form == "rate" else self.prob, self.total)
 
 
 class EditConsistency(EditTokenAccuracy):
@@ -259,155 +287,85 @@ class EditScore(Metric):
         for slot, pair in enumerate((efficacy, paraphrase, neighborhood)):
             if pair is None:
                 continue
-            expected, other = pair
-            q = preference_probability(expected.double(), None if other is None else other.double())
-            self.hits[slot] += (q > 0.5).sum()
-            self.total[slot] += q.numel()
+            hits, _, total = preference_counts(*pair)
+            self.hits[slot] += hits
+            self.total[slot] += total
 
     def compute(self) -> Tensor:
         """The harmonic mean of the updated components' rates; NaN before any update."""
-        seen = self.total > 0
-        if not bool(seen.any()):
-            return torch.tensor(math.nan, dtype=torch.float64)
-        rates = self.hits[seen] / self.total[seen]
-        if bool((rates == 0).any()):
-            return torch.tensor(0.0, dtype=torch.float64)
-        return rates.numel() / (1.0 / rates).sum()
+        return _harmonic_mean(self.hits, self.total)
 
 
-@dataclass(frozen=True)
-class RequestScores:
-    """Mean NLLs (and token accuracies) of every prompt a list of requests judges an edit by.
-
-    Attributes:
-        efficacy: ``(nll_new, nll_true)`` per request; ``nll_true`` NaN without a true target.
-        paraphrase: ``(nll_new, nll_true)`` per paraphrase prompt.
-        neighborhood: ``(nll_own, nll_new)`` per neighbour prompt.
-        consistency: ``(token_accuracy, nll)`` of the expected answer per consistency prompt.
-        rewrite_accuracy: ``(token_accuracy, nll)`` of the new target per edit prompt (zsRE-style efficacy).
-    """
-
-    efficacy: tuple[Tensor, Tensor]
-    paraphrase: tuple[Tensor, Tensor]
-    neighborhood: tuple[Tensor, Tensor]
-    consistency: tuple[Tensor, Tensor]
-    rewrite_accuracy: tuple[Tensor, Tensor]
+def _harmonic_mean(hits: Tensor, total: Tensor) -> Tensor:
+    """The harmonic mean of the rates ``hits / total`` of the components with ``total > 0``."""
+    seen = total > 0
+    if not bool(seen.any()):
+        return torch.tensor(math.nan, dtype=torch.float64)
+    rates = hits[seen] / total[seen]
+    if bool((rates == 0).any()):
+        return torch.tensor(0.0, dtype=torch.float64)
+    return rates.numel() / (1.0 / rates).sum()
 
 
-def score_requests(
-    model: nn.Module,
-    tokenizer: Any,
-    requests: Sequence[EditRequest],
-    *,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> RequestScores:
-    """Score every prompt of ``requests`` in one batched pass (pairs sharing a prompt share a forward).
+# ----------------------------------------------------------------------------------- functional twins
+def _preference(expected: Tensor, other: Tensor | None, form: Form) -> Tensor:
+    _check_form(form)
+    hits, prob, total = _sums()
+    counted = preference_counts(expected, other)
+    hits, prob, total = hits + counted[0], prob + counted[1], total + counted[2]
+    return _mean(hits if form == "rate" else prob, total)
+
+
+def edit_efficacy(nll_new: Tensor, nll_true: Tensor | None = None, form: Form = "rate") -> Tensor:
+    """:class:`EditEfficacy` of one batch of edit prompts.
 
     Example:
-        >>> scores = score_requests(model, tokenizer, requests)  # doctest: +SKIP
-        >>> efficacy = EditEfficacy()  # doctest: +SKIP
-        >>> efficacy.update(*scores.efficacy)  # doctest: +SKIP
+        >>> float(edit_efficacy(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.5])))
+        0.5
     """
-    prompts: list[str] = []
-    answers: list[str] = []
-
-    def add(pairs: list[tuple[str, str]]) -> slice:
-        start = len(prompts)
-        for prompt, answer in pairs:
-            prompts.append(prompt)
-            answers.append(answer)
-        return slice(start, len(prompts))
-
-    new = add([(r.prompt_text, r.target_new) for r in requests])
-    true = add([(r.prompt_text, r.target_true) for r in requests if r.target_true is not None])
-    para_new = add([(p, r.target_new) for r in requests for p in r.paraphrase_prompts])
-    para_true = add(
-        [(p, r.target_true) for r in requests if r.target_true is not None for p in r.paraphrase_prompts]
-    )
-    neigh_own = add([(n.prompt, n.answer) for r in requests for n in r.neighborhood])
-    neigh_new = add([(n.prompt, r.target_new) for r in requests for n in r.neighborhood])
-    consistency = add([(c.prompt, c.answer) for r in requests for c in r.consistency])
-    scores = score_answers(model, tokenizer, prompts, answers, batch_size=batch_size, progress=progress)
-    nll, accuracy = scores.nll, scores.token_accuracy
-
-    def aligned(values: Tensor, has_true: list[bool]) -> Tensor:
-        # Spread the true-target NLLs over all rows, NaN where a request has no true target.
-        out = torch.full((len(has_true),), math.nan, dtype=torch.float64)
-        out[torch.tensor(has_true, dtype=torch.bool)] = values
-        return out
-
-    has_true = [r.target_true is not None for r in requests]
-    para_has_true = [r.target_true is not None for r in requests for _ in r.paraphrase_prompts]
-    return RequestScores(
-        efficacy=(nll[new], aligned(nll[true], has_true)),
-        paraphrase=(nll[para_new], aligned(nll[para_true], para_has_true)),
-        neighborhood=(nll[neigh_own], nll[neigh_new]),
-        consistency=(accuracy[consistency], nll[consistency]),
-        rewrite_accuracy=(accuracy[new], nll[new]),
-    )
+    return _preference(nll_new, nll_true, form)
 
 
-def _value(metric: Metric) -> float | None:
-    return float(metric.compute()) if metric.update_count else None
+def edit_generalization(nll_new: Tensor, nll_true: Tensor | None = None, form: Form = "rate") -> Tensor:
+    """:class:`EditGeneralization` of one batch of paraphrase prompts."""
+    return _preference(nll_new, nll_true, form)
 
 
-def evaluate_requests(
-    model: nn.Module,
-    tokenizer: Any,
-    requests: Sequence[EditRequest],
-    *,
-    batch_size: int = 32,
-    ppl_text: str | os.PathLike[str] | None = None,
-    ppl_tokens: int = 20000,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """All edit metrics of ``requests`` on ``model`` as the dict ``kedit eval --json`` writes (less model/seconds).
+def edit_specificity(nll_own: Tensor, nll_new: Tensor | None = None, form: Form = "rate") -> Tensor:
+    """:class:`EditSpecificity` of one batch of neighbour prompts."""
+    return _preference(nll_own, nll_new, form)
 
-    Args:
-        model: the (possibly edited) causal LM.
-        tokenizer: its tokenizer.
-        requests: the requests to judge the model by.
-        batch_size: sequences per forward.
-        ppl_text: a text file whose first ``ppl_tokens`` tokens give the perplexity (None: no perplexity).
-        ppl_tokens: how many tokens of ``ppl_text`` to score.
-        progress: show tqdm bars on stderr.
 
-    Returns:
-        ``n``, ``efficacy``, ``paraphrase``, ``neighborhood``, ``consistency``, ``score``, ``efficacy_prob``,
-        ``paraphrase_prob``, ``neighborhood_prob``, ``perplexity``: rates in [0, 1], None where the requests
-        hold no prompt of that kind (or no ``ppl_text``).
+def edit_token_accuracy(accuracy: Tensor, nll: Tensor, form: Form = "rate") -> Tensor:
+    """:class:`EditTokenAccuracy` of one batch of prompts.
 
     Example:
-        >>> result = evaluate_requests(model, tokenizer, bundled_requests())  # doctest: +SKIP
-        >>> result["efficacy"], result["neighborhood"]  # doctest: +SKIP
-        (0.3, 0.8)
+        >>> float(edit_token_accuracy(torch.tensor([0.5, 1.0]), torch.tensor([1.0, 0.1])))
+        0.75
     """
-    if not requests:
-        raise KeditError("no requests to evaluate; give at least one edit request")
-    scores = score_requests(model, tokenizer, requests, batch_size=batch_size, progress=progress)
-    result: dict[str, Any] = {"n": len(requests)}
-    kinds = {
-        "efficacy": (EditEfficacy, scores.efficacy),
-        "paraphrase": (EditGeneralization, scores.paraphrase),
-        "neighborhood": (EditSpecificity, scores.neighborhood),
-    }
-    for name, (cls, pair) in kinds.items():
-        rate, prob = cls(), cls(form="prob")
-        if pair[0].numel():
-            rate.update(*pair)
-            prob.update(*pair)
-        result[name], result[f"{name}_prob"] = _value(rate), _value(prob)
-    consistency = EditConsistency()
-    if scores.consistency[0].numel():
-        consistency.update(*scores.consistency)
-    result["consistency"] = _value(consistency)
-    score = EditScore()
-    score.update(**{name: pair for name, (_, pair) in kinds.items() if pair[0].numel()})
-    result["score"] = _value(score)
-    result["perplexity"] = None
-    if ppl_text is not None:
-        result["perplexity"] = perplexity(model, tokenizer, ppl_text, max_tokens=ppl_tokens, progress=progress)
-    order = ["n", "efficacy", "paraphrase", "neighborhood", "consistency", "score", "efficacy_prob",
-             "paraphrase_prob", "neighborhood_prob", "perplexity"]
-    return {key: result[key] for key in order}
+    _check_form(form)
+    correct, prob, total = _sums()
+    counted = token_accuracy_counts(accuracy, nll)
+    correct, prob, total = correct + counted[0], prob + counted[1], total + counted[2]
+    return _mean(correct if form == "rate" else prob, total)
+
+
+def edit_consistency(accuracy: Tensor, nll: Tensor, form: Form = "rate") -> Tensor:
+    """:class:`EditConsistency` of one batch of consistency prompts."""
+    return edit_token_accuracy(accuracy, nll, form)
+
+
+def edit_score(
+    *,
+    efficacy: tuple[Tensor, Tensor | None] | None = None,
+    paraphrase: tuple[Tensor, Tensor | None] | None = None,
+    neighborhood: tuple[Tensor, Tensor | None] | None = None,
+) -> Tensor:
+    """:class:`EditScore` of one batch: the harmonic mean of the given components' rates."""
+    hits, total = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.long)
+    for slot, pair in enumerate((efficacy, paraphrase, neighborhood)):
+        if pair is not None:
+            counted = preference_counts(*pair)
+            hits[slot] += counted[0]
+            total[slot] += counted[2]
+    return _harmonic_mean(hits, total)

@@ -19,7 +19,7 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from lightning_kedit.atomic_files import atomic_path
+from lightning_kedit.files import atomic_path
 from lightning_kedit.tracing import AverageTrace, TraceResult
 
 __all__ = ["plot_average", "plot_trace", "save_average_figure", "save_trace_figures"]

@@ -1,6 +1,6 @@
 """zsRE measured as the lifelong-editing literature measures it: token accuracy, and locality as agreement.
 
-Beside our preference rates (:mod:`lightning_kedit.metrics`), most editing papers report on zsRE
+Beside our preference rates (:mod:`lightning_kedit.evaluation.metrics`), most editing papers report on zsRE
 
 - *efficacy* and *generalisation*: the share of the answer's tokens that are the model's argmax when the
   gold answer prefix is given (teacher forcing), on the edit prompt and on its rephrasings;
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_kedit.errors import KeditError
-from lightning_kedit.scoring import encode_pairs
+from lightning_kedit.evaluation.scoring import encode_pairs
 
 __all__ = ["argmax_tokens", "token_agreement"]
 
@@ -40,7 +40,7 @@ def argmax_tokens(model: nn.Module, tokenizer: Any, prompts: Sequence[str], answ
     The token accuracy of pair ``i`` is ``(argmax_tokens(...)[i] == gold_i).float().mean()``.
 
     Raises:
-        KeditError: lengths differ or an answer adds no token (:func:`~lightning_kedit.scoring.encode_pairs`).
+        KeditError: lengths differ or an answer adds no token (:func:`~.scoring.encode_pairs`).
     """
     device = next(model.parameters()).device
     was_training = model.training

@@ -1,6 +1,7 @@
-"""Atomic file writes: a reader sees the old file or the new one, never a half-written one.
+"""Files and caches: atomic writes, short content digests (cache keys) and the cache folder.
 
-Every file the library writes (deltas, histories, statistics, cached prefixes and target values, traces, JSON
+Atomic file writes: a reader sees the old file or the new one, never a half-written one. Every file the
+library writes (deltas, histories, statistics, cached prefixes and target values, traces, JSON
 results, plots, converted models) goes through this module:
 
 - :func:`atomic_path` yields a temporary path beside the target, unique to the calling process *and* thread;
@@ -12,6 +13,8 @@ results, plots, converted models) goes through this module:
 - :func:`exclusive_build` serialises the builders of one expensive cache entry across processes (a file lock),
   so that the entry is built once and the others read it. It must not wrap work that waits on other processes
   (collective operations), or those processes would wait on each other.
+- :func:`short_digest` is the truncated sha256 hex digest that names cache entries and identifies contents;
+  :func:`cache_dir` is the cache root (``$KEDIT_CACHE`` or ``~/.cache/lightning_kedit``).
 
 Example:
     >>> import tempfile, pathlib
@@ -26,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -43,7 +47,9 @@ __all__ = [
     "atomic_save_safetensors",
     "atomic_write_json",
     "atomic_write_text",
+    "cache_dir",
     "exclusive_build",
+    "short_digest",
 ]
 
 
@@ -155,3 +161,19 @@ def exclusive_build(path: str | os.PathLike[str]) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def short_digest(data: str | bytes, chars: int) -> str:
+    """The first ``chars`` hex characters of the sha256 of ``data`` (a string is hashed as its UTF-8 bytes).
+
+    Example:
+        >>> short_digest("abc", 16)
+        'ba7816bf8f01cfea'
+    """
+    raw = data.encode() if isinstance(data, str) else data
+    return hashlib.sha256(raw).hexdigest()[:chars]
+
+
+def cache_dir() -> Path:
+    """The cache root: ``$KEDIT_CACHE`` or ``~/.cache/lightning_kedit``."""
+    return Path(os.environ.get("KEDIT_CACHE", Path.home() / ".cache" / "lightning_kedit")).expanduser()

@@ -28,8 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning_kedit.atomic_files import atomic_path, atomic_write_text
 from lightning_kedit.errors import KeditError
+from lightning_kedit.files import atomic_path, atomic_write_text
 
 __all__ = [
     "PLOT_FILE",

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from lightning_kedit.errors import KeditError
-from lightning_kedit.scoring import special_affixes, token_scores
+from lightning_kedit.evaluation.scoring import special_affixes, token_scores
 
 __all__ = ["Perplexity", "perplexity", "sequence_log_prob", "text_windows"]
 
