@@ -88,3 +88,35 @@ def test_empty_request_file(workspace, tmp_path, capsys):
     out = tmp_path / "edit.safetensors"
     code = main(["edit", "--model", str(workspace / "model"), "--requests", str(empty), "--out", str(out)])
     assert code == 2 and not out.exists()
+
+
+def test_every_scalar_hyper_parameter_is_an_option_of_edit_and_serve():
+    """The options come from EditHyperParams: each scalar field has one, with its docstring as help."""
+    import dataclasses
+
+    from lightning_kedit.cli import build_parser
+    from lightning_kedit.cli.edit import hparams_from_args
+    from lightning_kedit.cli.hparam_options import hparam_options
+    from lightning_kedit.editing.hparams import EditHyperParams
+
+    own_options = {"layers", "lambda_relative", "v_bfloat16", "prefix_lengths", "extra"}
+    scalar = {f.name for f in dataclasses.fields(EditHyperParams)} - own_options
+    options = hparam_options()
+    assert {option.field for option in options.values()} == scalar
+    assert {"lambda", "clamp", "kl", "v_steps", "v_lr"} <= set(options)  # the contract's names
+    assert all(option.help for option in options.values())
+    # A valid value other than the default, for every option, reaches the hyper-parameters through both parsers.
+    model = tiny_model()
+    defaults = EditHyperParams.for_model(model, "memit")
+    values = {name: getattr(defaults, option.field) + 1 if option.kind is int else getattr(defaults, option.field) / 2
+              for name, option in options.items()}
+    flags = [item for name, value in values.items() for item in (f"--{name.replace('_', '-')}", str(value))]
+    parser = build_parser()
+    edit_args = parser.parse_args(["edit", "--requests", "r.json", "--out", "d.safetensors", *flags])
+    serve_args = parser.parse_args(["serve", "--history", "h", *flags])
+    hp = hparams_from_args(model, edit_args)
+    for name, option in options.items():
+        assert getattr(hp, option.field) == values[name], name
+    from lightning_kedit.cli.hparam_options import given_hparams
+
+    assert given_hparams(serve_args) == {option.field: values[name] for name, option in options.items()}

@@ -16,24 +16,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lightning_kedit.cli.hparam_options import add_hparam_arguments, given_hparams
 from lightning_kedit.errors import KeditError
 
-__all__ = ["HPARAM_OPTIONS", "add_arguments", "hparams_from_args", "run"]
-
-#: CLI option -> EditHyperParams field.
-HPARAM_OPTIONS: dict[str, tuple[str, type, str]] = {
-    "lambda": ("mom2_weight", float, "λ, weight of the key second moment C"),
-    "v_steps": ("v_steps", int, "most Adam steps of the target-value optimisation"),
-    "v_lr": ("v_lr", float, "learning rate of the target-value optimisation"),
-    "clamp": ("clamp_norm", float, "largest ‖δ‖ relative to the hidden state's norm"),
-    "kl": ("kl_factor", float, "weight of the KL term on '{subject} is a'"),
-    "weight_decay": ("weight_decay", float, "weight of ‖δ‖²/‖h‖²"),
-    "stop_prob": ("stop_prob", float, "stop a request once its target's probability exceeds this"),
-    "batch_size": ("batch_size", int, "requests optimised together (memory)"),
-    "seed": ("seed", int, "seed of the context prefixes"),
-    "bare_weight": ("bare_weight", float, "share of the bare prompt in the template-averaged keys"),
-}
-
+__all__ = ["add_arguments", "hparams_from_args", "run"]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``kedit edit``."""
@@ -50,9 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--with-base", action="store_true", help="store the base weights for a bit-exact revert")
     parser.add_argument("--lambda-relative", action="store_true", default=None,
                         help="λ multiplies C / mean(diag C) instead of C")
-    for option, (_, kind, help_text) in HPARAM_OPTIONS.items():
-        parser.add_argument(f"--{option.replace('_', '-')}", dest=f"hp_{option}", type=kind, default=None,
-                            help=f"{help_text} (default: per model)")
+    add_hparam_arguments(parser)
     parser.add_argument("--bf16", dest="v_bfloat16", action=argparse.BooleanOptionalAction, default=None,
                         help="optimise target values through bfloat16 copies of the upper layers first, then finish "
                              "in float32 (default: when the CPU or GPU multiplies bfloat16 natively)")
@@ -83,7 +67,7 @@ def hparams_from_args(model: Any, args: argparse.Namespace, tokenizer: Any = Non
     elif args.layers is not None:
         layers = parse_layers(args.layers, ModelAdapter.for_model(model).num_layers)
     hp = EditHyperParams.for_model(model, args.method, layers)
-    changes = {field: getattr(args, f"hp_{option}") for option, (field, _, _) in HPARAM_OPTIONS.items()}
+    changes = given_hparams(args)
     changes["lambda_relative"] = args.lambda_relative
     changes["v_bfloat16"] = args.v_bfloat16
     return hp.replace(**changes)

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from lightning_kedit.cli.edit import HPARAM_OPTIONS
+from lightning_kedit.cli.hparam_options import add_hparam_arguments, given_hparams
 from lightning_kedit.errors import KeditError
 
 __all__ = ["add_arguments", "run"]
@@ -37,9 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", choices=("memit", "rome"), default="memit", help="edit method (default: memit)")
     parser.add_argument("--stats", default=None, metavar="FILE",
                         help="key statistics file (kedit stats --out); default: cached, from the bundled corpus")
-    for option, (_, kind, help_text) in HPARAM_OPTIONS.items():
-        parser.add_argument(f"--{option.replace('_', '-')}", dest=f"hp_{option}", type=kind, default=None,
-                            help=f"{help_text} (default: per model)")
+    add_hparam_arguments(parser)
     parser.add_argument("--max-ppl-rise", type=float, default=0.10, metavar="R",
                         help="damage guard: largest relative perplexity rise on its probe (default: 0.10 = +10%%)")
     parser.add_argument("--max-neighborhood-drop", type=float, default=0.10, metavar="D",
@@ -69,8 +67,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.stats is not None and not Path(args.stats).is_file():
         raise KeditError(f"--stats {args.stats!r} is not a file; make one with `kedit stats --out FILE`")
     keys = ServeKeys.load(args.keys)
-    hparams = {field: getattr(args, f"hp_{option}") for option, (field, _, _) in HPARAM_OPTIONS.items()
-               if getattr(args, f"hp_{option}") is not None}
+    hparams = given_hparams(args)
     server = build_server(args.model, args.history, keys, workers=args.workers, method=args.method,
                           statistics=args.stats, traffic_statistics=args.traffic_stats, threads=args.threads,
                           max_batch_size=args.max_batch_size, hparams=hparams, max_ppl_rise=args.max_ppl_rise,
