@@ -209,6 +209,23 @@ def test_preserve_weight_adds_memits_second_moment_inside_the_null_space(tokeniz
     torch.testing.assert_close(delta.update(2).dense().double(), expected, rtol=1e-5, atol=1e-7)
 
 
+def test_relative_lambda_weighs_the_preserved_second_moment_by_its_mean_diagonal(tokenizer):
+    """With ``lambda_relative`` the λ₀ C term uses MEMIT's relative C: λ₀ C / mean(diag C) (float64 formula)."""
+    model = peaky()
+    stats, _ = low_rank_statistics(model, [2], rank=32)
+    hp = hparams((2,)).replace(lambda_relative=True)
+    weight, alpha = 7.0, 1e-3
+    factors, keys, values = alphaedit_updates(model, tokenizer, REQUESTS, stats, hp, threshold=0.3, alpha=alpha,
+                                              preserve_weight=weight)
+    c = stats.second_moment(2).to(torch.float64)
+    scale = float(c.diagonal().mean())
+    basis = null_space_basis(c, threshold=0.3)
+    eigenvalues, vectors = torch.linalg.eigh(c)
+    root = (eigenvalues.clamp_min(0).sqrt()[:, None] * vectors.T) * (weight / scale) ** 0.5  # λ₀ C / mean diag
+    expected = paper_formula(keys[2].double(), values.delta.double(), basis @ basis.T, alpha * scale, root)
+    torch.testing.assert_close(factors[2].dense(), expected, rtol=1e-7, atol=1e-9)
+
+
 def test_history_keys_are_kept_by_the_next_batch(tokenizer):
     """A second batch, given the first one's keys, leaves their outputs unchanged (Δ₂ K₁ ≈ 0)."""
     model = peaky()

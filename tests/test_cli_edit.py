@@ -117,6 +117,10 @@ def test_every_scalar_hyper_parameter_is_an_option_of_edit_and_serve():
     hp = hparams_from_args(model, edit_args)
     for name, option in options.items():
         assert getattr(hp, option.field) == values[name], name
+    assert not hp.lambda_relative  # --lambda without --lambda-relative is absolute, whatever the default's kind
+    relative = parser.parse_args(["edit", "--requests", "r.json", "--out", "d.safetensors", "--lambda", "50",
+                                  "--lambda-relative"])
+    assert hparams_from_args(model, relative).lambda_relative
     from lightning_kedit.cli.hparam_options import given_hparams
 
     assert given_hparams(serve_args) == {option.field: values[name] for name, option in options.items()}

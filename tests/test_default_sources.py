@@ -10,14 +10,21 @@ from tiny_models import tiny_model, tiny_tokenizer
 from lightning_kedit.cli import main
 from lightning_kedit.editing import hparams as hparams_module
 from lightning_kedit.editing.hparams import EditHyperParams
+from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import model_digest
 
 
 def test_a_30_layer_llama_that_is_not_smollm2_gets_no_tested_setting():
     model = tiny_model("llama", num_layers=30)
     defaults = EditHyperParams.for_model(model, "memit")
-    assert defaults.layers == (4, 5, 6, 7, 8) and defaults.mom2_weight == 15000.0
-    assert EditHyperParams.default_sources(model)["mom2_weight"].startswith("reference")
+    key_size = ModelAdapter.for_model(model).key_size
+    # λ derived from the model: key size / 16, relative to the mean diagonal of C.
+    assert defaults.layers == (4, 5, 6, 7, 8) and defaults.mom2_weight == key_size / 16 and defaults.lambda_relative
+    assert EditHyperParams.default_sources(model)["mom2_weight"].startswith("derived")
+    assert EditHyperParams.for_model(model, "alphaedit").extra["preserve_weight"] == key_size / 16
+    # A λ given by the user is absolute, as the MEMIT papers and `kedit edit --lambda` write it.
+    assert not defaults.with_overrides({"mom2_weight": 15000.0}).lambda_relative
+    assert defaults.with_overrides({"mom2_weight": 50.0, "lambda_relative": True}).lambda_relative
 
 
 def test_a_tested_setting_applies_to_its_exact_checkpoint_only(monkeypatch):
@@ -25,14 +32,14 @@ def test_a_tested_setting_applies_to_its_exact_checkpoint_only(monkeypatch):
     monkeypatch.setitem(hparams_module.TESTED_SETTINGS, model_digest(model), {"memit": {"mom2_weight": 123.0,
                                                                                        "layers": (1, 2)}})
     defaults = EditHyperParams.for_model(model, "memit")
-    assert defaults.mom2_weight == 123.0 and defaults.layers == (1, 2)
+    assert defaults.mom2_weight == 123.0 and defaults.layers == (1, 2) and not defaults.lambda_relative
     assert EditHyperParams.for_model(model, "alphaedit").extra["preserve_weight"] == 123.0
     sources = EditHyperParams.default_sources(model)
     assert sources["mom2_weight"].startswith("tested") and sources["clamp_norm"].startswith("reference")
     # One changed weight is another checkpoint: the tested setting no longer applies.
     with torch.no_grad():
         model.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
-    assert EditHyperParams.for_model(model, "memit").mom2_weight == 15000.0
+    assert EditHyperParams.for_model(model, "memit").mom2_weight == ModelAdapter.for_model(model).key_size / 16
 
 
 def test_kedit_info_shows_defaults_sources_and_what_can_edit(tmp_path, capsys):
@@ -42,7 +49,7 @@ def test_kedit_info_shows_defaults_sources_and_what_can_edit(tmp_path, capsys):
     assert main(["info", "--model", str(folder), "--json", str(tmp_path / "info.json")]) == 0
     info = json.loads((tmp_path / "info.json").read_text())
     assert info["memit_defaults"]["layers"]["source"].startswith("derived")
-    assert info["memit_defaults"]["mom2_weight"] == {"value": 15000.0,
-                                                     "source": "reference: MEMIT's GPT-J value (C = E[k kᵀ])"}
+    assert info["memit_defaults"]["mom2_weight"] == {"value": 64 / 16,  # the tiny llama's key size / 16
+                                                     "source": "derived: key size / 16, relative to mean(diag C)"}
     assert info["editable_by"].startswith("memit, rome") and len(info["digest"]) == 16
     assert "memit mom2_weight" in capsys.readouterr().out

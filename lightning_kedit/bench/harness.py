@@ -125,7 +125,7 @@ def run_bench(
         raise BenchError(f"--ppl-text {ppl_text}: no such file; give a plain-text file for perplexity")
     adapter = ModelAdapter.for_model(model)
     overrides = dict(hparams or {})
-    per_method = {m.name: EditHyperParams.for_model(model, m.method).replace(**overrides) for m in parsed}
+    per_method = {m.name: EditHyperParams.for_model(model, m.method).with_overrides(overrides) for m in parsed}
     fingerprint = fingerprint_digest(model_fingerprint(model, tokenizer, range(adapter.num_layers)))
     settings = {
         "hparams": {name: hp.to_dict() for name, hp in per_method.items()},

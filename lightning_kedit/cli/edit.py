@@ -70,7 +70,7 @@ def hparams_from_args(model: Any, args: argparse.Namespace, tokenizer: Any = Non
     changes = given_hparams(args)
     changes["lambda_relative"] = args.lambda_relative
     changes["v_bfloat16"] = args.v_bfloat16
-    return hp.replace(**changes)
+    return hp.with_overrides(changes)  # --lambda without --lambda-relative is absolute
 
 
 def _table(before: dict[str, Any] | None, after: dict[str, Any] | None, seconds: dict[str, float]) -> str:

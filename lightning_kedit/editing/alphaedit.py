@@ -15,9 +15,9 @@ Three knobs, besides MEMIT's hyper-parameters (``hparams.extra``, filled by ``Ed
   (``nullspace_rule="energy"``; ``"eigenvalue"`` reads it relative to the largest eigenvalue, as the paper's
   code does). Smaller keeps fewer directions, but on a small model whose keys fill their space that forces
   large updates through directions the edit keys barely use (docs/editing-that-lasts.md).
-- ``preserve_weight`` (default: MEMIT's ``mom2_weight``): ``λ₀`` of a ``λ₀ C`` term inside the null space, so
-  that the directions ordinary keys still use a little are weighted by how much they use them, as in MEMIT.
-  ``0`` is the paper's solve.
+- ``preserve_weight`` (default: MEMIT's ``mom2_weight``, on the same ``C``, relative when ``lambda_relative``):
+  ``λ₀`` of a ``λ₀ C`` term inside the null space, so that the directions ordinary keys still use a little are
+  weighted by how much they use them, as in MEMIT. ``0`` is the paper's solve.
 - ``alpha`` (default ``1.0``): the weight of ``‖Δ‖²``, relative to the mean diagonal of ``C``, which makes one
   value transfer across layers whose key scales differ. Larger gives smaller, less exact updates.
 
@@ -53,6 +53,7 @@ from .hparams import (
     resolve_hparams,
 )
 from .keys import subject_states, template_weights
+from .memit import scaled_second_moment
 from .nullspace import NULL_SPACE_RULES, alphaedit_factors, null_space_basis
 from .phase_timer import PhaseTimer
 from .sharded import edit_templates
@@ -171,7 +172,7 @@ def alphaedit_updates(
                 previous = history.gram(layer) if history is not None else None
                 if preserve_weight > 0:
                     # min ‖ΔK₁ − R‖² + ‖ΔK_p‖² + λ₀ n ‖ΔK₀/√n‖² + α‖Δ‖² with Δ = ΓÛᵀ: C joins K_pK_pᵀ (eq. 10).
-                    weighted = preserve_weight * statistics.second_moment(layer).to(torch.float64)
+                    weighted = preserve_weight * scaled_second_moment(statistics, layer, hparams.lambda_relative)
                     previous = weighted if previous is None else previous + weighted
                 update = alphaedit_factors(
                     states.keys[layer], residuals, found[layer], alpha=alpha * scale, previous_gram=previous

@@ -15,8 +15,12 @@ Sources of the defaults:
   (:data:`DEFAULT_NULLSPACE_THRESHOLD`) and the weight of ``‖Δ‖²`` (:data:`DEFAULT_ALPHA`) in ``extra``
   (``nullspace_threshold``, ``nullspace_rule``, ``alpha``), where :func:`~.alphaedit.compute_alphaedit` reads them.
 - ``mom2_weight`` (λ): the reference uses 15,000 with ``C = E[k kᵀ]``. Here λ multiplies ``C / mean(diag C)``
-  when ``lambda_relative`` is set, which makes one value transfer across models whose key scales differ;
-  the SmolLM2 default comes from the sweep in ``benchmarks/edit_quality.py`` (docs/benchmarks/editing.md).
+  when ``lambda_relative`` is set, which makes one value transfer across models whose key scales differ. MEMIT
+  and AlphaEdit default to the relative λ = key size / 16 (:func:`derived_lambda`, measured on SmolLM2 and
+  Qwen2.5-Coder-0.5B in docs/benchmarks/models.md); a checkpoint with a tested setting
+  (:data:`TESTED_SETTINGS`) gets that instead: SmolLM2's absolute λ = 4,000 from the sweep in
+  ``benchmarks/edit_quality.py`` (docs/benchmarks/editing.md). A λ given without ``lambda_relative``
+  (:meth:`EditHyperParams.with_overrides`, ``kedit edit --lambda``) is absolute.
 
 Example:
     >>> hp = EditHyperParams(layers=(4, 5, 6), mom2_weight=2000.0)
@@ -41,10 +45,12 @@ __all__ = [
     "DEFAULT_BARE_WEIGHT",
     "DEFAULT_NULLSPACE_RULE",
     "DEFAULT_NULLSPACE_THRESHOLD",
+    "DEFAULT_RELATIVE_LAMBDA_PER_KEY",
     "METHODS",
     "TESTED_SETTINGS",
     "EditHyperParams",
     "HyperParamError",
+    "derived_lambda",
     "hparams_with_overrides",
     "resolve_hparams",
 ]
@@ -65,6 +71,11 @@ DEFAULT_NULLSPACE_RULE = "energy"
 DEFAULT_ALPHA = 1.0
 #: MEMIT's and AlphaEdit's share of the bare prompt in the template-averaged keys (the reference code's weighting).
 DEFAULT_BARE_WEIGHT = 0.5
+#: λ of a model without a tested setting, relative to the mean diagonal of ``C``, per unit of key size
+#: (:func:`derived_lambda`). docs/benchmarks/models.md: SmolLM2's tested λ = 4,000 is about 100 relative at key
+#: size 1,536; Qwen2.5-Coder-0.5B (key size 4,864) keeps neighbourhood within 0.02 at 300 relative, where the
+#: reference's absolute 15,000 loses 0.05. Both lie on key size / 16.
+DEFAULT_RELATIVE_LAMBDA_PER_KEY = 1 / 16
 
 
 class HyperParamError(KeditError):
@@ -156,6 +167,24 @@ class EditHyperParams:
             raise HyperParamError(f"unknown hyper-parameters {sorted(unknown)}; known: {self.field_names()}")
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    def with_overrides(self, changes: Mapping[str, Any]) -> EditHyperParams:
+        """:meth:`replace`, except that a ``mom2_weight`` given without ``lambda_relative`` is absolute.
+
+        λ is then read as the MEMIT papers and ``--lambda`` write it (``C = E[k kᵀ]``), whatever the defaults'
+        own λ was.
+
+        Example:
+            >>> base = EditHyperParams(mom2_weight=300.0, lambda_relative=True)
+            >>> base.with_overrides({"mom2_weight": 15000.0}).lambda_relative
+            False
+            >>> base.with_overrides({"v_steps": 5}).lambda_relative
+            True
+        """
+        changes = dict(changes)
+        if changes.get("mom2_weight") is not None and changes.get("lambda_relative") is None:
+            changes["lambda_relative"] = False
+        return self.replace(**changes)
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
@@ -177,7 +206,8 @@ class EditHyperParams:
         where = {"rome": "one layer at 17%", "ft": "one layer at 13%"}.get(method, "a window at 13%")
         sources = {
             "layers": f"derived: {where} of the depth",
-            "mom2_weight": "reference: MEMIT's GPT-J value (C = E[k kᵀ])",
+            "mom2_weight": ("derived: key size / 16, relative to mean(diag C)" if method in ("memit", "alphaedit")
+                            else "reference: MEMIT's GPT-J value (C = E[k kᵀ])"),
             "clamp_norm": "reference: MEMIT's value for this family (relative to the hidden state's norm)",
         }
         for name in tested or {}:
@@ -213,7 +243,7 @@ class EditHyperParams:
             >>> EditHyperParams.for_model(model, "rome").layers
             (1,)
             >>> EditHyperParams.for_model(model, "alphaedit").extra
-            {'nullspace_threshold': 0.5, 'nullspace_rule': 'energy', 'alpha': 1.0, 'preserve_weight': 15000.0}
+            {'nullspace_threshold': 0.5, 'nullspace_rule': 'energy', 'alpha': 1.0, 'preserve_weight': 8.0}
         """
         if method not in METHODS:
             raise HyperParamError(f"`method`={method!r} is not one of {', '.join(METHODS)}")
@@ -224,10 +254,11 @@ class EditHyperParams:
         if method in ("memit", "alphaedit"):
             chosen = tuple(default_edit_layers(n))
             # The reference averages keys per kind of context, so the bare prompt weighs half (keys.py).
-            base = cls(layers=chosen, clamp_norm=clamp, bare_weight=DEFAULT_BARE_WEIGHT)
+            base = cls(layers=chosen, clamp_norm=clamp, bare_weight=DEFAULT_BARE_WEIGHT,
+                       mom2_weight=derived_lambda(adapter.key_size), lambda_relative=True)
             tested = tested_setting(model, "memit")
             if tested is not None:  # this exact checkpoint (by weights digest) has a measured setting
-                base = base.replace(**tested)
+                base = base.with_overrides(tested)  # a tested λ is absolute unless it says so
             if method == "alphaedit":
                 # AlphaEdit keeps MEMIT's pipeline; λ is not used by its solve.
                 base = base.replace(extra={"nullspace_threshold": DEFAULT_NULLSPACE_THRESHOLD,
@@ -287,7 +318,7 @@ def hparams_with_overrides(
     """
     if isinstance(given, EditHyperParams):
         return given if layers is None else given.replace(layers=tuple(layers))
-    return EditHyperParams.for_model(model, method, layers).replace(**dict(given or {}))
+    return EditHyperParams.for_model(model, method, layers).with_overrides(given or {})
 
 
 def _checked_layers(adapter: ModelAdapter, layers: Sequence[int]) -> tuple[int, ...]:
@@ -296,6 +327,19 @@ def _checked_layers(adapter: ModelAdapter, layers: Sequence[int]) -> tuple[int, 
         return tuple(adapter.check_layers(list(layers)))
     except ValueError as err:
         raise HyperParamError(str(err)) from err
+
+
+def derived_lambda(key_size: int) -> float:
+    """λ relative to the mean diagonal of ``C`` for a model without a tested setting: key size / 16.
+
+    The ``K Kᵀ`` term of ``(λ C + K Kᵀ)`` grows with ``‖k‖² = trace C`` of a key, that is with the key size
+    times the mean diagonal, so a relative λ that keeps the same balance grows with the key size.
+
+    Example:
+        >>> derived_lambda(4864)
+        304.0
+    """
+    return key_size * DEFAULT_RELATIVE_LAMBDA_PER_KEY
 
 
 def tested_setting(model: nn.Module, method: str) -> dict[str, Any] | None:
@@ -311,7 +355,7 @@ def tested_setting(model: nn.Module, method: str) -> dict[str, Any] | None:
 #: cases, docs/benchmarks/editing.md): layers 3-8 (GPT-J's MEMIT window: one more layer shares the residual),
 #: λ = 4,000 and the bare prompt at half the key weight give 0.97 / 0.88 / 0.72 at +1.4% perplexity, where the
 #: reference default (λ = 15,000, layers 4-8) gives 0.66 / 0.60 / 0.74.
-_SMOLLM2_MEMIT: dict[str, Any] = {"mom2_weight": 4000.0, "layers": (3, 4, 5, 6, 7, 8)}
+_SMOLLM2_MEMIT: dict[str, Any] = {"mom2_weight": 4000.0, "lambda_relative": False, "layers": (3, 4, 5, 6, 7, 8)}
 
 #: Settings measured on exact checkpoints, by :func:`~lightning_kedit.models.fingerprint.model_digest`, then method.
 #: A model is matched by its weights, never by its family or layer count: any other model gets the derived and

@@ -132,7 +132,7 @@ class EditAPI(ls.LitAPI):
         if self.threads:
             torch.set_num_threads(self.threads)
         self.model, self.tokenizer = load_model(self.model_spec, device=device)
-        self.hparams = EditHyperParams.for_model(self.model, self.method).replace(**self.hparam_changes)
+        self.hparams = EditHyperParams.for_model(self.model, self.method).with_overrides(self.hparam_changes)
         self.fingerprint = model_fingerprint(self.model, self.tokenizer, list(self.hparams.layers))
         self.store = HistoryStore(self.history)
         committed = self.store.read().fingerprint
