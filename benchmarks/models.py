@@ -82,7 +82,7 @@ def _evaluate(model: Any, tokenizer: Any, requests: list[Any], ppl_tokens: int) 
     return {k: result[k] for k in ("efficacy", "paraphrase", "neighborhood", "perplexity")}
 
 
-def setting_hparams(model: Any, tokenizer: Any, requests: list[Any], setting: str) -> Any:
+def setting_hparams(model: Any, tokenizer: Any, setting: str) -> Any:
     """The hyper-parameters of a named setting (see the module's docstring)."""
     from lightning_kedit import EditHyperParams, load_requests
     from lightning_kedit.editing.edit_inputs import auto_edit_layers
@@ -108,7 +108,7 @@ def edit_row(model: Any, tokenizer: Any, requests: list[Any], setting: str, ppl_
     from lightning_kedit.editing.target_cache import TargetCache
 
     tick = time.perf_counter()
-    hparams = setting_hparams(model, tokenizer, requests, setting)
+    hparams = setting_hparams(model, tokenizer, setting)
     layer_seconds = time.perf_counter() - tick
     timings: dict[str, float] = {}
     tick = time.perf_counter()

@@ -113,10 +113,17 @@ def _mean(value: Tensor, total: Tensor) -> Tensor:
     return value / total if total > 0 else torch.tensor(math.nan, dtype=torch.float64)
 
 
-def _sums() -> tuple[Tensor, Tensor, Tensor]:
-    """The zero states of a rate/probability metric: two float64 sums and a count."""
-    zero = torch.tensor(0.0, dtype=torch.float64)
-    return zero, zero.clone(), torch.tensor(0, dtype=torch.long)
+def _form_mean(counts: tuple[Tensor, Tensor, int], form: Form) -> Tensor:
+    """The rate (first sum) or the mean probability (second sum) of one update's counts, in float64."""
+    first, prob, total = counts
+    return _mean((first if form == "rate" else prob).double(), torch.tensor(total))
+
+
+def _add_sum_states(metric: Metric, first: str) -> None:
+    """The states of a rate/probability metric: float64 sums ``first`` and ``prob``, the count ``total``."""
+    metric.add_state(first, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+    metric.add_state("prob", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+    metric.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
 
 class _PreferenceMetric(Metric):
@@ -133,9 +140,7 @@ class _PreferenceMetric(Metric):
         super().__init__(**kwargs)
         _check_form(form)
         self.form = form
-        self.add_state("hits", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("prob", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        _add_sum_states(self, "hits")
 
     def update(self, expected: Tensor, other: Tensor | None = None) -> None:
         """Add prompts: ``expected`` and ``other`` are mean NLLs (``other`` None or NaN when unknown)."""
@@ -221,9 +226,7 @@ class EditTokenAccuracy(Metric):
         super().__init__(**kwargs)
         _check_form(form)
         self.form = form
-        self.add_state("accuracy", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("prob", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        _add_sum_states(self, "accuracy")
 
     def update(self, accuracy: Tensor, nll: Tensor) -> None:
         """Add prompts: per-prompt token accuracy in [0, 1] and mean NLL of the expected answer."""
@@ -310,10 +313,7 @@ def _harmonic_mean(hits: Tensor, total: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------- functional twins
 def _preference(expected: Tensor, other: Tensor | None, form: Form) -> Tensor:
     _check_form(form)
-    hits, prob, total = _sums()
-    counted = preference_counts(expected, other)
-    hits, prob, total = hits + counted[0], prob + counted[1], total + counted[2]
-    return _mean(hits if form == "rate" else prob, total)
+    return _form_mean(preference_counts(expected, other), form)
 
 
 def edit_efficacy(nll_new: Tensor, nll_true: Tensor | None = None, form: Form = "rate") -> Tensor:
@@ -344,10 +344,7 @@ def edit_token_accuracy(accuracy: Tensor, nll: Tensor, form: Form = "rate") -> T
         0.75
     """
     _check_form(form)
-    correct, prob, total = _sums()
-    counted = token_accuracy_counts(accuracy, nll)
-    correct, prob, total = correct + counted[0], prob + counted[1], total + counted[2]
-    return _mean(correct if form == "rate" else prob, total)
+    return _form_mean(token_accuracy_counts(accuracy, nll), form)
 
 
 def edit_consistency(accuracy: Tensor, nll: Tensor, form: Form = "rate") -> Tensor:
