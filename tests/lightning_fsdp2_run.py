@@ -127,3 +127,6 @@ if __name__ == "__main__":
         resume_stage(Path(sys.argv[1]), sys.argv[2])
     else:
         main(Path(sys.argv[1]), sharded=True)
+    # Lightning leaves a gloo process group alive at exit; its worker threads can then abort the interpreter's
+    # finalisation ("terminate called without an active exception", SIGABRT), so the group is destroyed first.
+    torch.distributed.destroy_process_group()

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -99,6 +100,10 @@ def run_lightning_cli(args: list[str]) -> None:
             save_config_kwargs={"overwrite": True},
             seed_everything_default=0,
         )
+        # Lightning destroys only an NCCL process group at exit; a gloo one left alive can abort the interpreter's
+        # finalisation from its worker threads (SIGABRT), so a finished run destroys it.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     except (KeditError, FileNotFoundError) as err:
         if os.environ.get("KEDIT_DEBUG"):
             raise
