@@ -28,9 +28,10 @@ from typing import Any
 import torch
 
 from lightning_kedit.evaluation.request_evaluation import evaluate_requests, score_requests
-from lightning_kedit.evaluation.scoring import _batches, _pad, _plan_sequences, encode_pairs
+from lightning_kedit.evaluation.scoring import _batches, _plan_sequences, encode_pairs
 from lightning_kedit.models import load_model
 from lightning_kedit.requests import load_requests
+from lightning_kedit.token_batches import padded_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -57,7 +58,7 @@ def plain_forward(model: torch.nn.Module, sequences: list[tuple[int, ...]], batc
     """Seconds for plain batched forwards over ``sequences`` (sorted by length, right-padded)."""
     start = time.perf_counter()
     for batch in _batches([len(s) for s in sequences], batch_size):
-        ids, mask, _ = _pad([sequences[i] for i in batch], pad_id, "right", torch.device("cpu"))
+        ids, mask = padded_batch([sequences[i] for i in batch], pad_id)
         model(input_ids=ids, attention_mask=mask, use_cache=False)
     return time.perf_counter() - start
 

@@ -25,8 +25,9 @@ from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.forward_hooks import input_hooks, output_hooks, run_until
 from lightning_kedit.models.model_mode import eval_mode
 from lightning_kedit.requests import EditRequest
+from lightning_kedit.token_batches import padding_id
 
-from .token_rows import TokenRows, pad_rows, padding_id
+from .token_rows import TokenRows, pad_rows
 
 __all__ = [
     "SubjectNotFoundError",

@@ -45,11 +45,11 @@ from lightning_kedit.errors import KeditError
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.model_mode import eval_mode
 from lightning_kedit.requests import EditRequest
+from lightning_kedit.token_batches import padded_batch, padding_id
 
 from .delta import EditDelta
 from .hparams import DEFAULT_LIFELONG_RIDGE, DEFAULT_LIFELONG_STEP, EditHyperParams
 from .solvers import LowRankUpdate
-from .token_rows import padding_id
 
 if TYPE_CHECKING:
     from .history import EditHistory
@@ -220,13 +220,9 @@ def _local_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, reques
     pad = padding_id(tokenizer)
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        width = max(len(ids) for ids, _ in chunk)
-        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
+        input_ids, mask = padded_batch([ids for ids, _ in chunk], pad)
         labels = torch.full_like(input_ids, -100)
         for i, (ids, shared) in enumerate(chunk):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            mask[i, : len(ids)] = 1
             labels[i, shared - 1 : len(ids) - 1] = torch.tensor(ids[shared:])  # position t predicts token t+1
         inputs: dict[int, Tensor] = {}
         outputs: dict[int, Tensor] = {}

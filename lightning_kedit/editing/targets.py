@@ -40,12 +40,13 @@ from lightning_kedit.models.forward_hooks import first_tensor
 from lightning_kedit.models.model_mode import eval_mode
 from lightning_kedit.models.sharding import is_sharded_model
 from lightning_kedit.requests import EditRequest
+from lightning_kedit.token_batches import padding_id
 
 from .hparams import EditHyperParams
 from .keys import SubjectNotFoundError, subject_char_end
 from .replay import prepare_replays
 from .target_values import TargetValues
-from .token_rows import pad_rows, padding_id
+from .token_rows import pad_rows
 from .upper_blocks import UpperBlocks, bfloat16_is_fast
 
 if TYPE_CHECKING:

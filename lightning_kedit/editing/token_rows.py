@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
-__all__ = ["TokenRows", "pad_rows", "padding_id"]
+from lightning_kedit.token_batches import padded_batch
+
+__all__ = ["TokenRows", "pad_rows"]
 
 
 @dataclass
@@ -26,21 +27,8 @@ class TokenRows:
     lengths: torch.Tensor
 
 
-def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """The id rows are padded with: the pad token, else the end-of-sequence token, else 0."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
 def pad_rows(rows: list[list[int]], positions: list[int], pad_id: int) -> TokenRows:
     """``rows`` right-padded with ``pad_id`` into one batch; ``positions`` are each row's subject token."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = 1
+    ids, mask = padded_batch(rows, pad_id)
     lengths = mask.sum(1)
     return TokenRows(ids, mask, torch.tensor(positions, dtype=torch.long), lengths)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from lightning_kedit.errors import KeditError
 from lightning_kedit.models.adapters import forward_parameters
+from lightning_kedit.token_batches import padded_batch
 
 __all__ = [
     "AnswerScores",
@@ -185,14 +186,10 @@ def token_scores(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return log_probs.gather(-1, targets[:, None]).squeeze(-1), logits.argmax(-1) == targets
 
 
-def _pad(sequences: list[tuple[int, ...]], pad_id: int, side: str, device: torch.device) -> tuple[Tensor, ...]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, tokens in enumerate(sequences):
-        span = slice(width - len(tokens), width) if side == "left" else slice(0, len(tokens))
-        ids[row, span] = torch.tensor(tokens)
-        mask[row, span] = 1
+def _pad(
+    sequences: list[tuple[int, ...]], pad_id: int, side: Literal["right", "left"], device: torch.device
+) -> tuple[Tensor, ...]:
+    ids, mask = padded_batch(sequences, pad_id, side)
     # Positions count real tokens only, so a left-padded row sees the same positions as an unpadded one.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)

@@ -23,10 +23,10 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from lightning_kedit.errors import KeditError
+from lightning_kedit.token_batches import padded_batch
 
 __all__ = ["TextSourceError", "detokenize_wikitext", "read_paragraphs", "text_windows", "window_batches"]
 
@@ -158,19 +158,10 @@ def window_batches(windows: Iterable[list[int]], batch_size: int, pad_id: int) -
         raise KeditError(f"`batch_size` must be a positive int, got {batch_size!r}")
     rows: list[list[int]] = []
 
-    def collate(rows: list[list[int]]) -> tuple[Tensor, Tensor]:
-        width = max(len(row) for row in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-            mask[i, : len(row)] = 1
-        return ids, mask
-
     for row in windows:
         rows.append(row)
         if len(rows) == batch_size:
-            yield collate(rows)
+            yield padded_batch(rows, pad_id)
             rows = []
     if rows:
-        yield collate(rows)
+        yield padded_batch(rows, pad_id)

@@ -27,6 +27,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_kedit.errors import KeditError
+from lightning_kedit.token_batches import padded_batch, padding_id
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -75,12 +76,7 @@ def collate_blocks(blocks: Sequence[torch.Tensor], pad_id: int) -> dict[str, tor
         >>> batch["attention_mask"].tolist(), batch["labels"].tolist()
         ([[1, 1, 1], [1, 1, 0]], [[5, 6, 7], [8, 9, -100]])
     """
-    width = max(len(b) for b in blocks)
-    input_ids = torch.full((len(blocks), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(blocks), width), dtype=torch.long)
-    for row, block in enumerate(blocks):
-        input_ids[row, : len(block)] = block
-        attention_mask[row, : len(block)] = 1
+    input_ids, attention_mask = padded_batch(blocks, pad_id)
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -88,21 +84,8 @@ def collate_blocks(blocks: Sequence[torch.Tensor], pad_id: int) -> dict[str, tor
 def collate_prompts(prompts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
     """Tokenise and left-pad prompts for generation; keeps the texts under ``"prompts"``."""
     encoded = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prompts]
-    width = max(len(e) for e in encoded)
-    pad_id = _pad_id(tokenizer)
-    input_ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        input_ids[row, width - len(ids) :] = torch.as_tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
+    input_ids, attention_mask = padded_batch(encoded, padding_id(tokenizer, fallback=None), "left")
     return {"input_ids": input_ids, "attention_mask": attention_mask, "prompts": list(prompts)}
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise KeditError("the tokenizer has neither a pad nor an end-of-sequence token; set tokenizer.pad_token")
-    return int(pad_id)
 
 
 def _as_paths(files: PathLike | Sequence[PathLike] | None, name: str) -> list[Path]:
@@ -234,7 +217,7 @@ class TextDataModule(LightningDataModule):
         if split == "predict":
             collate: Any = _PromptCollator(tokenizer)
         else:
-            collate = _BlockCollator(_pad_id(tokenizer))
+            collate = _BlockCollator(padding_id(tokenizer, fallback=None))
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
