@@ -1,5 +1,6 @@
-"""The lifelong method: eq. (1) against an independent float64 computation, running sums, an edit on a tiny
-Llama, a sequence resumed from a saved history (bit-identical), and an exact revert that rewinds the statistics."""
+"""The lifelong method: eqs. (1) and (2) against independent float64 computations, running sums, features at the
+subject and at the answer against finite differences, edits on a tiny Llama (with and without ``λ₀ C``), a
+sequence resumed from a saved history (bit-identical), and an exact revert that rewinds the statistics."""
 
 from __future__ import annotations
 
@@ -11,11 +12,13 @@ from tiny_models import tiny_model, tiny_tokenizer
 from lightning_kedit.editing import compute_edit
 from lightning_kedit.editing.history import EditHistory
 from lightning_kedit.editing.hparams import EditHyperParams
+from lightning_kedit.editing.keys import locate_token, subject_char_end
 from lightning_kedit.editing.lifelong import FeatureSums, fact_features, lifelong_factors, running_sums
 from lightning_kedit.editing.sequential import edit_sequentially
 from lightning_kedit.errors import KeditError
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.requests import EditRequest
+from lightning_kedit.statistics import load_or_collect_statistics
 
 SUBJECTS = ["Toko Yasuda", "Danielle Darrieux", "Leonardo da Vinci", "Marie Curie", "Ada Lovelace", "Alan Turing"]
 TARGETS = ["Paris", "London", "Tokyo", "Lima", "Oslo", "Cairo"]
@@ -24,8 +27,9 @@ REQUESTS = [EditRequest(str(i), "{} was born in", s, t, "Rome") for i, (s, t) in
 LAYERS = (1, 2)
 
 
-def hparams(model, step: float = 1.0, ridge: float = 1.0) -> EditHyperParams:
-    return EditHyperParams.for_model(model, "lifelong").replace(layers=LAYERS, extra={"step": step, "ridge": ridge})
+def hparams(model, step: float = 1.0, ridge: float = 1.0, **extra) -> EditHyperParams:
+    return EditHyperParams.for_model(model, "lifelong").replace(layers=LAYERS,
+                                                                extra={"step": step, "ridge": ridge, **extra})
 
 
 def weights(model) -> dict[int, torch.Tensor]:
@@ -52,6 +56,28 @@ def test_closed_form_matches_the_primal_ridge_solution_in_float64():
     assert np.all(np.sum(moved * shifts, 1) > 0)
 
 
+def test_preserving_form_matches_its_normal_equations_and_reduces_to_the_dual_form_without_c():
+    gen = torch.Generator().manual_seed(2)
+    n, dk, dv, step, ridge = 4, 9, 5, 0.7, 0.3
+    keys = torch.randn(n, dk, generator=gen, dtype=torch.float64)
+    grads = torch.randn(n, dv, generator=gen, dtype=torch.float64)
+    sk = torch.rand(dk, generator=gen, dtype=torch.float64) + 0.5
+    sg = torch.rand(dv, generator=gen, dtype=torch.float64) + 0.5
+    text = torch.randn(50, dk, generator=gen, dtype=torch.float64)
+    preserve = 3.0 * text.T @ text / 50  # λ₀ C
+    got = lifelong_factors(keys, grads, sk, sg, step=step, ridge=ridge, preserve=preserve).dense().numpy()
+    # Independent: eq. (2) as written, ΔW (KᵀK + λ₀C + λD²) = V*ᵀ K, in numpy.
+    k, shifts = keys.numpy(), -step * grads.numpy() / sg.numpy()
+    system = k.T @ k + preserve.numpy() + ridge * np.diag(sk.numpy() ** 2)
+    expected = np.linalg.solve(system, k.T @ shifts).T
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-12)
+    without = lifelong_factors(keys, grads, sk, sg, step=step, ridge=ridge).dense().numpy()
+    zero = lifelong_factors(keys, grads, sk, sg, step=step, ridge=ridge, preserve=torch.zeros(dk, dk)).dense()
+    np.testing.assert_allclose(zero.numpy(), without, rtol=1e-9, atol=1e-12)
+    # λ₀ C keeps ordinary text's outputs: the update moves text keys less than eq. (1)'s does.
+    assert np.linalg.norm(got @ text.numpy().T) < np.linalg.norm(without @ text.numpy().T)
+
+
 def test_feature_sums_match_a_naive_loop():
     gen = torch.Generator().manual_seed(1)
     parts = [torch.randn(int(n), 4, generator=gen, dtype=torch.float64) + 2 for n in (3, 5, 1)]
@@ -68,20 +94,27 @@ def test_feature_sums_match_a_naive_loop():
         assert float(total.rms()[j]) == pytest.approx((var + mean**2) ** 0.5, rel=1e-12)
 
 
-def test_features_are_the_keys_and_the_answer_gradient_of_the_down_projection():
+@pytest.mark.parametrize("positions", ["subject", "answer"])
+def test_features_are_the_keys_and_the_answer_gradient_of_the_down_projection(positions):
     model, tok = tiny_model("llama"), tiny_tokenizer()
-    features = fact_features(model, tok, REQUESTS[:1], [1])
+    features = fact_features(model, tok, REQUESTS[:1], [1], positions=positions)
     request = REQUESTS[0]
-    ids = tok(request.prompt_text + " " + request.target_new)["input_ids"]
+    text = request.prompt_text + " " + request.target_new
+    ids = tok(text)["input_ids"]
     shared = len(tok(request.prompt_text)["input_ids"])
+    subject = locate_token(tok, text, subject_char_end(request)[1])[1]
+    first = subject if positions == "subject" else shared - 1
     # Independent: finite differences of the answer's NLL w.r.t. a shift of the down-projection's output at
-    # the first answer-predicting position, along one output feature.
+    # the first row's position (the subject's last token, or the first answer-predicting position), along one
+    # output feature; and the key read by a hook of its own.
     adapter = ModelAdapter.for_model(model)
+    seen = {}
 
     def nll(shift: float) -> float:
         def hook(module, args, output):
+            seen["key"] = args[0][0, first].double()
             output = output.clone()
-            output[0, shared - 1, 3] += shift
+            output[0, first, 3] += shift
             return output
 
         handle = adapter.mlp_out(1).register_forward_hook(hook)
@@ -95,12 +128,20 @@ def test_features_are_the_keys_and_the_answer_gradient_of_the_down_projection():
 
     eps = 1e-3
     numeric = (nll(eps) - nll(-eps)) / (2 * eps)
-    assert features.keys[1].shape == (len(ids) - shared, adapter.key_size)
+    rows = 1 if positions == "subject" else len(ids) - shared
+    assert subject < shared - 1  # the subject ends before the prompt does: the two readings differ
+    assert features.keys[1].shape == (rows, adapter.key_size)
+    torch.testing.assert_close(features.keys[1][0], seen["key"], rtol=1e-5, atol=1e-6)
     assert float(features.grads[1][0, 3]) == pytest.approx(numeric, rel=2e-3, abs=1e-6)
     assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(KeditError, match="'middle'"):
+        fact_features(model, tok, REQUESTS[:1], [1], positions="middle")
 
 
-def test_an_edit_reaches_its_target_on_a_tiny_llama():
+@pytest.mark.parametrize(("positions", "preserve_weight", "step"), [("answer", 0.0, 1.0), ("subject", 0.1, 10.0)])
+def test_an_edit_reaches_its_target_on_a_tiny_llama(positions, preserve_weight, step):
+    """At the answer positions one step flips the answer. At the subject the change must travel through
+    attention, which a random tiny model barely does; there the answer's log-probability must rise."""
     model, tok = tiny_model("llama"), tiny_tokenizer()
     request = REQUESTS[0]
     ids = tok(request.prompt_text + " " + request.target_new)["input_ids"]
@@ -113,11 +154,17 @@ def test_an_edit_reaches_its_target_on_a_tiny_llama():
                 all(int(lp[t - 1].argmax()) == ids[t] for t in range(shared, len(ids))))
 
     before_lp, before_top = answer(model)
-    delta = compute_edit(model, tok, [request], method="lifelong", hparams=hparams(model))
+    hp = hparams(model, step=step, positions=positions, preserve_weight=preserve_weight)
+    stats = load_or_collect_statistics(model, tok, list(LAYERS), cache=False, max_tokens=5000)
+    delta = compute_edit(model, tok, [request], method="lifelong", hparams=hp, statistics=stats)
+    assert delta.hparams["positions"] == positions and delta.hparams["preserve_weight"] == preserve_weight
     with delta.applied(model):
         after_lp, after_top = answer(model)
-    assert not before_top and after_top
-    assert after_lp > before_lp + 1.0
+    assert not before_top
+    if positions == "answer":
+        assert after_top and after_lp > before_lp + 1.0
+    else:
+        assert after_lp > before_lp + 0.15  # measured: +0.26
     assert delta.method == "lifelong" and tuple(delta.request_ids) == ("0",)
 
 

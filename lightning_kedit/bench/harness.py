@@ -139,12 +139,12 @@ def run_bench(
     results.check_requests(lambda n: digests[n] if n < len(digests) else None)
     names = ([UNEDITED] if baseline else []) + [m.name for m in parsed]
     todo = {name: [n for n in ns if results.row(name, n) is None] for name in names}
-    if any(todo[m.name] for m in parsed if m.method not in ("ft", "lifelong")):
+    if any(todo[m.name] for m in parsed if per_method[m.name].uses_key_statistics(m.method)):
         from lightning_kedit.editing import edit_inputs
 
         # Once, on the unedited weights, for the layers of every method: their fingerprint is part of the
         # statistics' cache key, and a sequential run (or its restored state) changes them.
-        stat_layers = sorted({layer for m in parsed if m.method not in ("ft", "lifelong")
+        stat_layers = sorted({layer for m in parsed if per_method[m.name].uses_key_statistics(m.method)
                               for layer in per_method[m.name].layers})
         statistics = edit_inputs.resolve_statistics(model, tokenizer, stat_layers, statistics, progress=verbose)
     context = BenchContext(tokenizer, requests, digests, statistics, per_method, target_cache or TargetCache(),

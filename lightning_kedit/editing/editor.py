@@ -104,7 +104,7 @@ def compute_edit(
             raise KeditError("`keys` is AlphaEdit's; method='lifelong' records `extras` instead")
         with eval_mode(model):
             return compute_lifelong(model, tokenizer, requests, hparams=resolve_hparams(model, method, layers, hparams),
-                                    history=history, extras=extras, timings=timings)
+                                    statistics=statistics, history=history, extras=extras, timings=timings)
     if history is not None or keys is not None or extras is not None:
         raise KeditError(f"`history`, `keys` and `extras` are sequential methods'; method={method!r} does not use them")
     hp = resolve_hparams(model, method, layers, hparams)

@@ -57,8 +57,10 @@ __all__ = [
 
 #: The edit methods this package computes.
 METHODS = ("memit", "rome", "ft", "alphaedit", "lifelong")
-#: The lifelong method's normalised value step ``η`` and ridge ``λ`` (editing/lifelong.py, eq. 1).
-DEFAULT_LIFELONG_STEP = 1.0
+#: The lifelong method's normalised value step ``η`` and ridge ``λ`` (editing/lifelong.py, eq. 1). With the
+#: features at the subject and MEMIT's ``λ₀ C`` (eq. 2), η = 4 wrote more of a batch than the answer-position
+#: features at η = 1 at a fifth of the perplexity cost (SmolLM2, docs/benchmarks/sequential.md).
+DEFAULT_LIFELONG_STEP = 4.0
 DEFAULT_LIFELONG_RIDGE = 1.0
 #: AlphaEdit's null-space threshold: the share of the preserved keys' energy the null space may hold. Half:
 #: smaller null spaces force larger updates through directions the edit keys barely use, which hurts more
@@ -185,6 +187,17 @@ class EditHyperParams:
             changes["lambda_relative"] = False
         return self.replace(**changes)
 
+    def uses_key_statistics(self, method: str) -> bool:
+        """Whether ``method`` under these hyper-parameters reads key statistics (``C``).
+
+        Example:
+            >>> EditHyperParams(extra={"preserve_weight": 0.0}).uses_key_statistics("lifelong")
+            False
+        """
+        if method == "lifelong":
+            return float(self.extra.get("preserve_weight", 0.0)) > 0
+        return method != "ft"
+
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls) if f.name != "extra"]
@@ -202,11 +215,12 @@ class EditHyperParams:
             >>> EditHyperParams.default_sources(model)["layers"]
             'derived: a window at 13% of the depth'
         """
-        tested = tested_setting(model, method) if method in ("memit", "alphaedit") else None
+        tested = tested_setting(model, method) if method in ("memit", "alphaedit", "lifelong") else None
         where = {"rome": "one layer at 17%", "ft": "one layer at 13%"}.get(method, "a window at 13%")
         sources = {
             "layers": f"derived: {where} of the depth",
-            "mom2_weight": ("derived: key size / 16, relative to mean(diag C)" if method in ("memit", "alphaedit")
+            "mom2_weight": ("derived: key size / 16, relative to mean(diag C)"
+                            if method in ("memit", "alphaedit", "lifelong")
                             else "reference: MEMIT's GPT-J value (C = E[k kᵀ])"),
             "clamp_norm": "reference: MEMIT's value for this family (relative to the hidden state's norm)",
         }
@@ -265,9 +279,12 @@ class EditHyperParams:
                                            "nullspace_rule": DEFAULT_NULLSPACE_RULE, "alpha": DEFAULT_ALPHA,
                                            "preserve_weight": base.mom2_weight})
         elif method == "lifelong":
-            # One gradient per fact and a ridge solve per layer (editing/lifelong.py): MEMIT's layer window.
-            base = cls(layers=tuple(default_edit_layers(n)),
-                       extra={"step": DEFAULT_LIFELONG_STEP, "ridge": DEFAULT_LIFELONG_RIDGE})
+            # One gradient per fact at the subject and a solve per layer (editing/lifelong.py, eq. 2): MEMIT's
+            # layers, with MEMIT's λ C keeping ordinary text's outputs.
+            memit = cls.for_model(model, "memit")
+            base = cls(layers=memit.layers, lambda_relative=memit.lambda_relative,
+                       extra={"step": DEFAULT_LIFELONG_STEP, "ridge": DEFAULT_LIFELONG_RIDGE,
+                              "preserve_weight": memit.mom2_weight, "positions": "subject"})
         elif method == "rome":
             chosen = (min(n - 1, max(0, round(n * 0.17))),)
             base = cls(layers=chosen, clamp_norm=clamp, prefix_lengths=((5, 10), (10, 10)))
@@ -344,7 +361,7 @@ def derived_lambda(key_size: int) -> float:
 
 def tested_setting(model: nn.Module, method: str) -> dict[str, Any] | None:
     """The setting measured on this exact checkpoint for ``method`` (:data:`TESTED_SETTINGS`), or None."""
-    if method == "alphaedit":
+    if method in ("alphaedit", "lifelong"):  # both take MEMIT's layers and λ
         method = "memit"
     from lightning_kedit.models.fingerprint import model_digest
 

@@ -2,7 +2,8 @@
 
 The method (``method="lifelong"``; the idea of UltraEdit, Gu et al., 2025) has no per-fact optimisation loop.
 For each fact one forward and one backward pass of ``prompt + answer`` give, at every edit layer ``l`` and at
-each position that predicts an answer token,
+the subject's last token (``positions="subject"``, where causal tracing finds facts stored; the default) or at
+each position that predicts an answer token (``positions="answer"``, UltraEdit's choice),
 
 - the key ``k`` (the input of the MLP's down-projection) and
 - the value gradient ``g = ∂L/∂v`` (the gradient of the answer's negative log-likelihood with respect to the
@@ -19,6 +20,16 @@ so the keys are scaled, not centred. The value shift asked of each key is one no
 (``K̂``: ``n × d_k`` normalised keys, ``V*``: ``n × d_v`` shifts; the ``n × n`` dual form), written in the
 weight's coordinates as ``ΔW = Δ̂ diag(1/s_k)`` so that ``ΔW k = Δ̂ k̂``. It is stored as the exact factors
 ``U = V*ᵀ (K̂K̂ᵀ + λI)⁻¹`` and ``V = diag(1/s_k) K̂ᵀ`` of an :class:`~.delta.EditDelta`.
+
+*Preservation* (``preserve_weight`` ``λ₀ > 0``): eq. (1) fits only the batch's keys, so nothing keeps the
+outputs of ordinary text. MEMIT's term ``λ₀ tr(ΔW C ΔWᵀ)``, with ``C = E[k kᵀ]`` the keys' second moment on
+ordinary text (the key statistics), penalises each direction by how much text uses it:
+
+    ΔW = V*ᵀ K (KᵀK + λ₀ C + λ D²)⁻¹,   D = diag(s_k)                                         (2)
+
+which is eq. (1) when ``λ₀ = 0`` (push-through identity). It is solved in its ``d_k × d_k`` primal form in the
+normalised coordinates, ``Δ̂ = V*ᵀ K̂ (K̂ᵀK̂ + λ₀ D⁻¹CD⁻¹ + λI)⁻¹``, and stored as ``U = V*ᵀ``,
+``V = D⁻¹ (K̂ᵀK̂ + λ₀ D⁻¹CD⁻¹ + λI)⁻¹ K̂ᵀ``.
 
 The running sums of each batch are recorded in the :class:`~.history.EditHistory` (``HistoryEntry.extras``),
 and the statistics a batch uses are the ordered float64 sum over the earlier entries: a sequence stopped,
@@ -48,7 +59,10 @@ from lightning_kedit.requests import EditRequest
 from lightning_kedit.token_batches import padded_batch, padding_id
 
 from .delta import EditDelta
+from .edit_inputs import check_statistics, resolve_statistics
 from .hparams import DEFAULT_LIFELONG_RIDGE, DEFAULT_LIFELONG_STEP, EditHyperParams
+from .keys import locate_token, subject_char_end
+from .memit import scaled_second_moment
 from .solvers import LowRankUpdate
 
 if TYPE_CHECKING:
@@ -152,8 +166,9 @@ def running_sums(history: EditHistory | None, layer: int, key_size: int, value_s
 
 
 def lifelong_factors(keys: Tensor, grads: Tensor, key_scale: Tensor, grad_scale: Tensor, *, step: float = DEFAULT_STEP,
-                     ridge: float = DEFAULT_RIDGE) -> LowRankUpdate:
-    """Eq. (1): the factors of ``ΔW = −η Ĝᵀ (K̂K̂ᵀ + λI)⁻¹ K̂ diag(1/s_k)``, ``K̂ = K/s_k``, ``Ĝ = G/s_g``.
+                     ridge: float = DEFAULT_RIDGE, preserve: Tensor | None = None) -> LowRankUpdate:
+    """Eq. (1): the factors of ``ΔW = −η Ĝᵀ (K̂K̂ᵀ + λI)⁻¹ K̂ diag(1/s_k)``, ``K̂ = K/s_k``, ``Ĝ = G/s_g``;
+    with ``preserve`` (``λ₀ C``), eq. (2): ``ΔW = −η Ĝᵀ K (KᵀK + λ₀C + λD²)⁻¹``.
 
     Args:
         keys: ``(n, d_k)`` keys.
@@ -162,6 +177,7 @@ def lifelong_factors(keys: Tensor, grads: Tensor, key_scale: Tensor, grad_scale:
         grad_scale: ``(d_v,)`` per-feature gradient scale ``s_g`` (> 0).
         step: ``η`` (> 0).
         ridge: ``λ`` (> 0).
+        preserve: ``(d_k, d_k)`` ``λ₀ C``, symmetric positive semi-definite; None for eq. (1).
 
     Example:
         >>> k, g = torch.eye(2, 3, dtype=torch.float64), torch.ones(2, 4, dtype=torch.float64)
@@ -172,19 +188,25 @@ def lifelong_factors(keys: Tensor, grads: Tensor, key_scale: Tensor, grad_scale:
         raise KeditError(f"the lifelong step and ridge must be > 0, got step={step}, ridge={ridge}")
     if keys.shape[0] != grads.shape[0] or keys.shape[0] == 0:
         raise KeditError(f"keys {tuple(keys.shape)} and gradients {tuple(grads.shape)} need the same, non-zero rows")
-    k_hat = keys.to(torch.float64) / key_scale.to(torch.float64)
+    scale = key_scale.to(torch.float64)
+    k_hat = keys.to(torch.float64) / scale
     shifts = -step * grads.to(torch.float64) / grad_scale.to(torch.float64)  # V* = −η Ĝ
+    if preserve is not None:
+        # Eq. (2) in normalised coordinates: (K̂ᵀK̂ + D⁻¹ λ₀C D⁻¹ + λI) is d_k × d_k, symmetric positive definite.
+        system = k_hat.T @ k_hat + preserve.to(torch.float64) / scale[:, None] / scale[None, :]
+        system = system + ridge * torch.eye(system.shape[0], dtype=torch.float64)
+        return LowRankUpdate(shifts.T, torch.linalg.solve(system, k_hat.T) / scale[:, None])
     gram = k_hat @ k_hat.T + ridge * torch.eye(k_hat.shape[0], dtype=torch.float64)
     left = torch.linalg.solve(gram, shifts).T  # V*ᵀ (K̂K̂ᵀ + λI)⁻¹ (gram is symmetric)
-    right = (k_hat / key_scale.to(torch.float64)).T  # (diag(1/s_k) K̂ᵀ): d_k × n
+    right = (k_hat / scale).T  # (diag(1/s_k) K̂ᵀ): d_k × n
     return LowRankUpdate(left, right)
 
 
-def _answer_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> tuple[list[int], int]:
-    """Token ids of ``prompt + answer`` and how many of them belong to the prompt."""
+def _answer_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> tuple[list[int], int, int]:
+    """Token ids of ``prompt + answer``, how many of them belong to the prompt, and the subject's last token."""
     prompt = request.prompt_text
     sep = "" if prompt[-1:].isspace() else " "
-    ids = list(tokenizer(prompt + sep + request.target_new)["input_ids"])
+    ids, subject = locate_token(tokenizer, prompt + sep + request.target_new, subject_char_end(request)[1])
     head = list(tokenizer(prompt)["input_ids"])
     eos = tokenizer.eos_token_id
     while head and eos is not None and head[-1] == eos and len(head) > 1:
@@ -195,7 +217,7 @@ def _answer_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> tu
     if shared == 0 or shared >= len(ids):
         raise KeditError(f"request {request.case_id!r}: cannot separate the answer {request.target_new!r} "
                          f"from the prompt {prompt!r} in its tokens")
-    return ids, shared
+    return ids, shared, subject
 
 
 def _capture(layer: int, inputs: dict[int, Tensor], outputs: dict[int, Tensor]) -> Callable[..., None]:
@@ -210,8 +232,9 @@ def _capture(layer: int, inputs: dict[int, Tensor], outputs: dict[int, Tensor]) 
 
 
 def _local_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
-                    layers: Sequence[int], batch_size: int) -> tuple[dict[int, list[Tensor]], dict[int, list[Tensor]]]:
-    """Per request and layer, the keys and value gradients at the positions that predict the answer."""
+                    layers: Sequence[int], batch_size: int,
+                    positions: str) -> tuple[dict[int, list[Tensor]], dict[int, list[Tensor]]]:
+    """Per request and layer, the keys and value gradients at ``positions`` ("subject" or "answer")."""
     adapter = ModelAdapter.for_model(model)
     device = next(model.parameters()).device
     keys: dict[int, list[Tensor]] = {layer: [] for layer in layers}
@@ -220,9 +243,9 @@ def _local_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, reques
     pad = padding_id(tokenizer)
     for start in range(0, len(encoded), batch_size):
         chunk = encoded[start : start + batch_size]
-        input_ids, mask = padded_batch([ids for ids, _ in chunk], pad)
+        input_ids, mask = padded_batch([ids for ids, _, _ in chunk], pad)
         labels = torch.full_like(input_ids, -100)
-        for i, (ids, shared) in enumerate(chunk):
+        for i, (ids, shared, _) in enumerate(chunk):
             labels[i, shared - 1 : len(ids) - 1] = torch.tensor(ids[shared:])  # position t predicts token t+1
         inputs: dict[int, Tensor] = {}
         outputs: dict[int, Tensor] = {}
@@ -237,7 +260,11 @@ def _local_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, reques
         finally:
             for handle in handles:
                 handle.remove()
-        picked = labels != -100
+        if positions == "subject":
+            picked = torch.zeros_like(labels, dtype=torch.bool)
+            picked[torch.arange(len(chunk)), torch.tensor([subject for _, _, subject in chunk])] = True
+        else:
+            picked = labels != -100
         for layer in layers:
             x, g = inputs[layer], outputs[layer].grad
             assert g is not None
@@ -251,14 +278,18 @@ def _local_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, reques
 
 
 def fact_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests: Sequence[EditRequest],
-                  layers: Sequence[int], *, batch_size: int = 16) -> LifelongFeatures:
-    """One forward/backward per fact: keys and value gradients at every ``layers`` and answer position.
+                  layers: Sequence[int], *, batch_size: int = 16, positions: str = "subject") -> LifelongFeatures:
+    """One forward/backward per fact: keys and value gradients at every ``layers`` and ``positions``.
 
+    ``positions="subject"``: one row per fact, at the subject's last token (the gradient of the whole answer's
+    loss reaches it through attention); ``"answer"``: a row per answer token, at the position that predicts it.
     Rows are in request order, then position order. The gradients are those of the unchanged model (no weight
     gradient is formed; parameters' ``.grad`` stay untouched). Under ``torch.distributed`` with more than one
     process, request ``i`` is computed by process ``i mod world`` and the rows are summed into place across
     processes, so every process returns the same features.
     """
+    if positions not in ("subject", "answer"):
+        raise KeditError(f"`positions`={positions!r} is neither 'subject' nor 'answer'")
     adapter = ModelAdapter.for_model(model)
     layers = adapter.check_layers(list(layers))
     dist = torch.distributed
@@ -266,7 +297,7 @@ def fact_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests
     rank = dist.get_rank() if world > 1 else 0
     mine = [i for i in range(len(requests)) if i % world == rank]
     with eval_mode(model):
-        keys, grads = _local_features(model, tokenizer, [requests[i] for i in mine], layers, batch_size)
+        keys, grads = _local_features(model, tokenizer, [requests[i] for i in mine], layers, batch_size, positions)
     if world == 1:
         return LifelongFeatures({la: torch.cat(keys[la]) for la in layers}, {la: torch.cat(grads[la]) for la in layers})
     counts = torch.zeros(len(requests), dtype=torch.float64)
@@ -292,6 +323,7 @@ def compute_lifelong(
     requests: Sequence[EditRequest],
     *,
     hparams: EditHyperParams,
+    statistics: object = None,
     history: EditHistory | None = None,
     extras: dict[str, Tensor] | None = None,
     timings: dict[str, float] | None = None,
@@ -305,9 +337,13 @@ def compute_lifelong(
         model: the model, as the batches of ``history`` left it.
         tokenizer: its tokenizer.
         requests: the facts of this batch.
-        hparams: ``layers``, ``batch_size`` and ``extra["step"]`` (``η``), ``extra["ridge"]`` (``λ``),
-            ``extra["grad_scaling"]``: ``"feature"`` (default: ``s_g`` per feature) or ``"global"`` (one RMS over
-            all gradient features, which keeps the gradient's direction).
+        hparams: ``layers``, ``batch_size``, ``lambda_relative`` and ``extra["step"]`` (``η``),
+            ``extra["ridge"]`` (``λ``), ``extra["preserve_weight"]`` (``λ₀`` of eq. 2, in MEMIT's units of ``C``;
+            0 for eq. 1), ``extra["positions"]`` (``"subject"`` or ``"answer"``), ``extra["grad_scaling"]``:
+            ``"feature"`` (default: ``s_g`` per feature) or ``"global"`` (one RMS over all gradient features, which
+            keeps the gradient's direction).
+        statistics: key statistics for eq. (2) (of the model before a sequence), a file, or None for the cached
+            ones; unused when ``preserve_weight`` is 0.
         history: the earlier batches, whose running sums the normalisation starts from; None for none.
         extras: when given, filled with this batch's sums (for ``history.push(delta, extras=extras)``).
         timings: when given, the seconds of the ``features`` and ``solve`` phases are added to it.
@@ -325,11 +361,20 @@ def compute_lifelong(
     scaling = str(hparams.extra.get("grad_scaling", "feature"))
     if scaling not in ("feature", "global"):
         raise KeditError(f"`grad_scaling`={scaling!r} is neither 'feature' (per-feature RMS) nor 'global' (one RMS)")
+    preserve_weight = float(hparams.extra.get("preserve_weight", 0.0))
+    if not preserve_weight >= 0:
+        raise KeditError(f"the lifelong method's `preserve_weight` must be >= 0, got {preserve_weight}")
+    positions = str(hparams.extra.get("positions", "subject"))
     adapter = ModelAdapter.for_model(model)
     layers = adapter.check_layers(list(hparams.layers))
     timer = PhaseTimer()
+    if preserve_weight > 0:
+        with timer.phase("statistics"):
+            statistics = resolve_statistics(model, tokenizer, layers, statistics)
+            check_statistics(statistics, adapter, layers)
     with timer.phase("features"):
-        features = fact_features(model, tokenizer, requests, layers, batch_size=hparams.batch_size)
+        features = fact_features(model, tokenizer, requests, layers, batch_size=hparams.batch_size,
+                                 positions=positions)
     factors: dict[int, LowRankUpdate] = {}
     with timer.phase("solve"):
         batch_sums = features.sums()
@@ -340,14 +385,17 @@ def compute_lifelong(
             grad_scale = grad_sums.rms()
             if scaling == "global":  # one scale for every gradient feature: the step keeps the gradient's direction
                 grad_scale = (grad_scale**2).mean().sqrt().expand_as(grad_scale)
+            preserve = (preserve_weight * scaled_second_moment(statistics, layer, hparams.lambda_relative)
+                        if preserve_weight > 0 else None)
             update = lifelong_factors(features.keys[layer], features.grads[layer], key_sums.rms(), grad_scale,
-                                      step=step / len(layers), ridge=ridge)
+                                      step=step / len(layers), ridge=ridge, preserve=preserve)
             if not (torch.isfinite(update.u).all() and torch.isfinite(update.v).all()):
                 raise KeditError(f"the lifelong update of layer {layer} is not finite; lower `step` or raise `ridge`")
             factors[layer] = update
         delta = EditDelta.from_model(
             model, factors, method="lifelong",
             hparams={**hparams.to_dict(), "step": step, "ridge": ridge, "grad_scaling": scaling,
+                     "preserve_weight": preserve_weight, "positions": positions,
                      "previous_edits": history.num_edits if history is not None else 0},
             request_ids=[r.case_id for r in requests], tokenizer=tokenizer,
         )

@@ -168,7 +168,7 @@ def edit_sequentially(
     threshold = float(threshold if threshold is not None else hp.extra.get("nullspace_threshold", DEFAULT_THRESHOLD))
     alpha = float(alpha if alpha is not None else hp.extra.get("alpha", DEFAULT_ALPHA))
     stats, bases = None, None
-    if method not in ("ft", "lifelong"):  # the lifelong method carries its own running statistics
+    if hp.uses_key_statistics(method):  # once, on the weights before the sequence
         stats = resolve_statistics(model, tokenizer, hp.layers, statistics, progress=progress)
     if method == "alphaedit":
         rule = str(hp.extra.get("nullspace_rule", DEFAULT_NULLSPACE_RULE))
@@ -182,7 +182,8 @@ def edit_sequentially(
                                       bases=bases, keys=keys, threshold=threshold, alpha=alpha)
         elif method == "lifelong":
             keys = {}
-            delta = compute_edit(model, tokenizer, batch, method=method, hparams=hp, history=history, extras=extras)
+            delta = compute_edit(model, tokenizer, batch, method=method, statistics=stats, hparams=hp,
+                                 history=history, extras=extras)
         else:
             keys = {}
             delta = compute_edit(model, tokenizer, batch, method=method, statistics=stats, hparams=hp)
