@@ -8,7 +8,9 @@ For each method the script writes ``--n`` requests in batches of ``--batch-size`
 written so far (:func:`lightning_kedit.evaluation.request_evaluation.evaluate_requests`) and the perplexity of the first
 ``--ppl-tokens`` tokens of ``--ppl-text``. The unedited model is evaluated on the same request prefixes. At the
 end the whole sequence is reverted with ``history.revert(model, len(history))`` and the weights are checked
-bit-exact. Rows go to a JSON file after every batch (a killed run keeps what it measured), a table to stdout,
+bit-exact. Each method's row also holds ``first_batch_efficacy`` (retention: the efficacy of the first batch's
+facts on the model as it is now) and the setup its summed edit seconds (``<method>_edit_seconds``, evaluation
+excluded). Rows go to a JSON file after every batch (a killed run keeps what it measured), a table to stdout,
 and a PNG of the curves when matplotlib is installed.
 
 Run (the numbers of docs/benchmarks/sequential.md):
@@ -40,7 +42,8 @@ COLUMNS = ("method", "edits", "efficacy", "paraphrase", "neighborhood", "score",
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default="alphaedit,memit", help="comma-separated: alphaedit, memit, rome, ft")
+    parser.add_argument("--methods", default="alphaedit,memit",
+                        help="comma-separated: alphaedit, memit, rome, ft, lifelong")
     parser.add_argument("--n", type=int, default=300, help="requests written in all")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--v-steps", type=int, default=None, help="Adam steps of the target optimisation")
@@ -167,12 +170,17 @@ def main(argv: list[str] | None = None) -> None:
         adapter = ModelAdapter.for_model(model)
         before = {layer: adapter.weight(layer).detach().clone() for layer in range(adapter.num_layers)}
 
+        setup[f"{method}_edit_seconds"] = 0.0
+
         def on_batch(step: SequentialStep, method: str = method) -> None:
+            setup[f"{method}_edit_seconds"] = round(setup[f"{method}_edit_seconds"] + step.seconds, 1)
             if step.edits not in checkpoints:
                 print(f"{method}: {step.edits} edits written ({step.seconds:.0f} s)", flush=True)
                 return
             metrics, eval_s = evaluate(model, tokenizer, requests[: step.edits], args)
             rows.append(row(method, step.edits, metrics, step.seconds, eval_s))
+            first, _ = evaluate(model, tokenizer, requests[: args.batch_size], args, ppl=False)
+            rows[-1]["first_batch_efficacy"] = first["efficacy"]
             print_row(rows[-1])
             save()
 
