@@ -212,6 +212,10 @@ def test_bad_options_are_refused_and_leave_the_model():
         compute_edit(model, tok, REQUESTS[:1], method="lifelong", hparams=hparams(model, step=0.0))
     with pytest.raises(KeditError, match="keys"):
         compute_edit(model, tok, REQUESTS[:1], method="lifelong", hparams=hparams(model), keys={})
+    with pytest.raises(KeditError, match="preserve_weight"):
+        compute_edit(model, tok, REQUESTS[:1], method="lifelong", hparams=hparams(model, preserve_weight=-1.0))
+    with pytest.raises(KeditError, match="'last'"):
+        compute_edit(model, tok, REQUESTS[:1], method="lifelong", hparams=hparams(model, positions="last"))
     with pytest.raises(KeditError, match="extras"):
         compute_edit(model, tok, REQUESTS[:1], method="memit", extras={})
     assert all(torch.equal(before[la], weights(model)[la]) for la in LAYERS)

@@ -365,6 +365,8 @@ def compute_lifelong(
     if not preserve_weight >= 0:
         raise KeditError(f"the lifelong method's `preserve_weight` must be >= 0, got {preserve_weight}")
     positions = str(hparams.extra.get("positions", "subject"))
+    if positions not in ("subject", "answer"):
+        raise KeditError(f"`positions`={positions!r} is neither 'subject' nor 'answer'")
     adapter = ModelAdapter.for_model(model)
     layers = adapter.check_layers(list(hparams.layers))
     timer = PhaseTimer()
