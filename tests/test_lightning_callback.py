@@ -58,8 +58,20 @@ class RecordingLogger(Logger):
 
 
 class NeverEdit(KnowledgeEditCallback):
-    def should_edit(self, trainer, pl_module) -> bool:
+    def should_edit(self, trainer, pl_module, moment=None) -> bool:
         return False
+
+
+def test_an_override_without_the_moment_argument_is_told_it_is_deprecated():
+    from lightning_kedit.lightning.edit_moments import takes_moment
+
+    class OldStyle(KnowledgeEditCallback):
+        def should_edit(self, trainer, pl_module) -> bool:
+            return self.moment == "fit_end"
+
+    with pytest.warns(DeprecationWarning, match=r"OldStyle.should_edit\(trainer, pl_module\) reads `self.moment`"):
+        assert not takes_moment(OldStyle(REQUESTS, layers=LAYERS, metrics=False).should_edit)
+    assert takes_moment(NeverEdit(REQUESTS, layers=LAYERS, metrics=False).should_edit)
 
 
 def _module(lr: float = 1e-3) -> KnowledgeEditModule:
