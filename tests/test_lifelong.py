@@ -37,13 +37,19 @@ def weights(model) -> dict[int, torch.Tensor]:
     return {layer: adapter.weight(layer).detach().clone() for layer in LAYERS}
 
 
-def test_closed_form_matches_the_primal_ridge_solution_in_float64():
-    gen = torch.Generator().manual_seed(0)
-    n, dk, dv, step, ridge = 7, 12, 5, 0.7, 0.3
+def random_problem(seed: int, n: int, dk: int, dv: int):
+    """Keys, gradients, key and gradient scales (float64, scales in [0.5, 1.5)) and the generator, for more draws."""
+    gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(n, dk, generator=gen, dtype=torch.float64)
     grads = torch.randn(n, dv, generator=gen, dtype=torch.float64)
     sk = torch.rand(dk, generator=gen, dtype=torch.float64) + 0.5
     sg = torch.rand(dv, generator=gen, dtype=torch.float64) + 0.5
+    return keys, grads, sk, sg, gen
+
+
+def test_closed_form_matches_the_primal_ridge_solution_in_float64():
+    n, dk, dv, step, ridge = 7, 12, 5, 0.7, 0.3
+    keys, grads, sk, sg, _ = random_problem(0, n, dk, dv)
     got = lifelong_factors(keys, grads, sk, sg, step=step, ridge=ridge).dense()
     # Independent: the primal normal equations, Δ̂ (K̂ᵀK̂ + λI) = V*ᵀ K̂, in numpy, then ΔW = Δ̂ diag(1/s_k).
     k_hat = keys.numpy() / sk.numpy()
@@ -57,12 +63,8 @@ def test_closed_form_matches_the_primal_ridge_solution_in_float64():
 
 
 def test_preserving_form_matches_its_normal_equations_and_reduces_to_the_dual_form_without_c():
-    gen = torch.Generator().manual_seed(2)
     n, dk, dv, step, ridge = 4, 9, 5, 0.7, 0.3
-    keys = torch.randn(n, dk, generator=gen, dtype=torch.float64)
-    grads = torch.randn(n, dv, generator=gen, dtype=torch.float64)
-    sk = torch.rand(dk, generator=gen, dtype=torch.float64) + 0.5
-    sg = torch.rand(dv, generator=gen, dtype=torch.float64) + 0.5
+    keys, grads, sk, sg, gen = random_problem(2, n, dk, dv)
     text = torch.randn(50, dk, generator=gen, dtype=torch.float64)
     preserve = 3.0 * text.T @ text / 50  # λ₀ C
     got = lifelong_factors(keys, grads, sk, sg, step=step, ridge=ridge, preserve=preserve).dense().numpy()

@@ -220,6 +220,12 @@ def _answer_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> tu
     return ids, shared, subject
 
 
+def _check_positions(positions: str) -> None:
+    """Refuse a ``positions`` other than ``"subject"`` and ``"answer"``."""
+    if positions not in ("subject", "answer"):
+        raise KeditError(f"`positions`={positions!r} is neither 'subject' nor 'answer'")
+
+
 def _capture(layer: int, inputs: dict[int, Tensor], outputs: dict[int, Tensor]) -> Callable[..., None]:
     """A forward hook keeping the module's input (the key) and its output, whose gradient it retains."""
 
@@ -288,8 +294,7 @@ def fact_features(model: nn.Module, tokenizer: PreTrainedTokenizerBase, requests
     process, request ``i`` is computed by process ``i mod world`` and the rows are summed into place across
     processes, so every process returns the same features.
     """
-    if positions not in ("subject", "answer"):
-        raise KeditError(f"`positions`={positions!r} is neither 'subject' nor 'answer'")
+    _check_positions(positions)
     adapter = ModelAdapter.for_model(model)
     layers = adapter.check_layers(list(layers))
     dist = torch.distributed
@@ -365,8 +370,7 @@ def compute_lifelong(
     if not preserve_weight >= 0:
         raise KeditError(f"the lifelong method's `preserve_weight` must be >= 0, got {preserve_weight}")
     positions = str(hparams.extra.get("positions", "subject"))
-    if positions not in ("subject", "answer"):
-        raise KeditError(f"`positions`={positions!r} is neither 'subject' nor 'answer'")
+    _check_positions(positions)
     adapter = ModelAdapter.for_model(model)
     layers = adapter.check_layers(list(hparams.layers))
     timer = PhaseTimer()
