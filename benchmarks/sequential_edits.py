@@ -13,15 +13,30 @@ facts on the model as it is now) and the setup its summed edit seconds (``<metho
 excluded). Rows go to a JSON file after every batch (a killed run keeps what it measured), a table to stdout,
 and a PNG of the curves when matplotlib is installed.
 
+Long sequences: ``--eval-sample S`` evaluates, at each checkpoint, a fixed sample of at most ``S`` of the facts
+written so far (the first of one seeded permutation of all ``--n``), the unedited rows on the same samples.
+``--field-metrics`` adds zsRE as the lifelong-editing literature measures it
+(:func:`lightning_kedit.evaluation.field_metrics.field_scores`: token accuracy of the new answer on the edit and
+paraphrase prompts, locality as agreement with the unedited model's tokens). ``--history-dir D`` saves each
+method's :class:`~lightning_kedit.editing.history.EditHistory` to ``D/<method>`` after every batch; a run
+started again with the same arguments resumes from there: it keeps the rows of ``--out``, re-applies the saved
+batches (checked bit-exact against the history) and writes only the rest.
+
 Run (the numbers of docs/benchmarks/sequential.md):
     python benchmarks/sequential_edits.py --methods alphaedit,memit --n 300 --batch-size 100 --v-steps 10 \\
         --out benchmarks/results/sequential_edits.json
+    python benchmarks/sequential_edits.py --methods lifelong --n 10000 --batch-size 100 \\
+        --eval-at 100,1000,3000,10000 --eval-sample 1000 --history-dir /tmp/kedit-seq \\
+        --out benchmarks/results/sequential_lifelong_10k.json
+    python benchmarks/sequential_edits.py --methods lifelong --n 1000 --batch-size 100 --eval-at 100,1000 \\
+        --requests ../shared/data/zsre/zsre_mend_train-1k.json --field-metrics --out benchmarks/results/zsre.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -30,7 +45,9 @@ from typing import Any
 import torch
 
 from lightning_kedit.editing import EditHyperParams
+from lightning_kedit.editing.history import EditHistory
 from lightning_kedit.editing.sequential import SequentialStep, edit_sequentially
+from lightning_kedit.evaluation.field_metrics import field_scores, locality_tokens
 from lightning_kedit.evaluation.request_evaluation import evaluate_requests
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.loading import load_model
@@ -61,22 +78,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-at", default=None,
                         help="comma-separated numbers of edits after which to evaluate (default: after every batch; "
                              "the last batch is always evaluated)")
+    parser.add_argument("--eval-sample", type=int, default=None,
+                        help="evaluate a fixed sample of at most this many of the facts written so far")
+    parser.add_argument("--field-metrics", action="store_true",
+                        help="add the field's token accuracy and locality (zsRE as lifelong papers measure it)")
+    parser.add_argument("--history-dir", default=None,
+                        help="save each method's edit history there after every batch; a rerun resumes from it")
     parser.add_argument("--out", default="benchmarks/results/sequential_edits.json")
     parser.add_argument("--merge", default=None, metavar="A.json,B.json",
                         help="run nothing: merge the rows of earlier runs into --out and plot them together")
     return parser.parse_args(argv)
 
 
-def evaluate(model: Any, tokenizer: Any, requests: list, args: argparse.Namespace, *,
-             ppl: bool = True) -> tuple[dict[str, Any], float]:
-    start = time.perf_counter()
-    metrics = evaluate_requests(model, tokenizer, requests, ppl_text=args.ppl_text if ppl else None,
-                                ppl_tokens=args.ppl_tokens)
-    return metrics, time.perf_counter() - start
+class Evaluator:
+    """The measures at a checkpoint: on the whole prefix written so far, or on a fixed sample of it."""
+
+    def __init__(self, model: Any, tokenizer: Any, requests: list, args: argparse.Namespace,
+                 checkpoints: list[int]) -> None:
+        self.tokenizer, self.requests, self.args = tokenizer, requests, args
+        order = list(range(len(requests)))
+        random.Random(0).shuffle(order)
+        self.order = order
+        self.reference: dict[int, list] = {}
+        if args.field_metrics:  # the unedited model's locality tokens of every fact a checkpoint may sample
+            wanted = sorted({i for edits in checkpoints for i in self.sample(edits)})
+            for i in wanted:
+                self.reference[i] = locality_tokens(model, tokenizer, [requests[i]])
+
+    def sample(self, edits: int) -> list[int]:
+        """Indices of the facts evaluated after ``edits`` edits (the same draw for every method)."""
+        if not self.args.eval_sample or edits <= self.args.eval_sample:
+            return list(range(edits))
+        return sorted([i for i in self.order if i < edits][: self.args.eval_sample])
+
+    def __call__(self, model: Any, edits: int, *, ppl: bool = True) -> tuple[dict[str, Any], float]:
+        start = time.perf_counter()
+        chosen = self.sample(edits)
+        requests = [self.requests[i] for i in chosen]
+        metrics = evaluate_requests(model, self.tokenizer, requests, ppl_text=self.args.ppl_text if ppl else None,
+                                    ppl_tokens=self.args.ppl_tokens)
+        metrics["evaluated"] = len(requests)
+        if self.args.field_metrics:
+            reference = [t for i in chosen for t in self.reference[i]]
+            metrics.update(field_scores(model, self.tokenizer, requests, reference))
+        return metrics, time.perf_counter() - start
+
+
+_FIELD = ("efficacy_tokens", "generalization_tokens", "locality_tokens")
 
 
 def row(method: str, edits: int, metrics: dict[str, Any], batch_s: float, eval_s: float) -> dict[str, Any]:
-    keep = ("efficacy", "paraphrase", "neighborhood", "score", "perplexity", "efficacy_prob", "neighborhood_prob")
+    keep = ("efficacy", "paraphrase", "neighborhood", "score", "perplexity", "efficacy_prob", "neighborhood_prob",
+            "evaluated", *(k for k in _FIELD if k in metrics))
     return {"method": method, "edits": edits, **{k: metrics[k] for k in keep},
             "batch_s": round(batch_s, 1), "eval_s": round(eval_s, 1)}
 
@@ -132,6 +185,17 @@ def merge(paths: list[str], out: Path) -> None:
     print(f"{len(rows)} rows of {len(runs)} runs -> {out} and {out.with_suffix('.png')}")
 
 
+def resume(model: Any, folder: Path | None) -> EditHistory | None:
+    """The history saved in ``folder``, re-applied to ``model`` batch by batch (None when there is none)."""
+    if folder is None or not (folder / "history.json").is_file():
+        return None
+    history = EditHistory.load(folder)
+    for entry in history:
+        entry.delta.apply(model)
+    print(f"resumed {len(history)} batches ({history.num_edits} edits) from {folder}", flush=True)
+    return history
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
@@ -141,20 +205,32 @@ def main(argv: list[str] | None = None) -> None:
         return
     model, tokenizer = load_model("smollm2")
     requests = load_requests(args.requests, n=args.n)
-    rows: list[dict[str, Any]] = []
     setup = {k: v for k, v in vars(args).items() if k != "out"}
+    rows: list[dict[str, Any]] = []
+    if args.history_dir and out.is_file():  # a resumed run keeps what the earlier one measured
+        earlier = json.loads(out.read_text())
+        changed = {k: (v, setup.get(k)) for k, v in earlier["setup"].items() if k in setup and setup[k] != v}
+        if changed:
+            raise SystemExit(f"{out} was measured with other arguments {changed}; rerun with those or another --out")
+        rows, setup = earlier["rows"], {**earlier["setup"], **setup}
 
     def save() -> None:
         out.write_text(json.dumps({"setup": setup, "rows": rows}, indent=1))
+
+    def measured(method: str, edits: int) -> bool:
+        return any(r["method"] == method and r["edits"] == edits for r in rows)
 
     checkpoints = list(range(args.batch_size, args.n + 1, args.batch_size))
     if args.eval_at:
         wanted = {int(x) for x in args.eval_at.split(",") if x}
         checkpoints = [c for c in checkpoints if c in wanted or c == checkpoints[-1]]
+    evaluate = Evaluator(model, tokenizer, requests, args, checkpoints)
     print(" | ".join(COLUMNS))
-    unedited_ppl = None
+    unedited_ppl = next((r["perplexity"] for r in rows if r["method"] == "unedited"), None)
     for edits in checkpoints if not args.no_unedited else ():
-        metrics, eval_s = evaluate(model, tokenizer, requests[:edits], args, ppl=unedited_ppl is None)
+        if measured("unedited", edits):
+            continue
+        metrics, eval_s = evaluate(model, edits, ppl=unedited_ppl is None)
         unedited_ppl = metrics["perplexity"] = metrics["perplexity"] or unedited_ppl  # the same for every count
         rows.append(row("unedited", edits, metrics, 0.0, eval_s))
         print_row(rows[-1])
@@ -169,23 +245,31 @@ def main(argv: list[str] | None = None) -> None:
             hp = hp.replace(prefix_lengths=((10, args.prefixes),))
         adapter = ModelAdapter.for_model(model)
         before = {layer: adapter.weight(layer).detach().clone() for layer in range(adapter.num_layers)}
-
-        setup[f"{method}_edit_seconds"] = 0.0
+        folder = Path(args.history_dir) / method if args.history_dir else None
+        history = resume(model, folder)
+        done = history.num_edits if history is not None else 0
+        if history is None:
+            setup[f"{method}_edit_seconds"] = 0.0
 
         def on_batch(step: SequentialStep, method: str = method) -> None:
             setup[f"{method}_edit_seconds"] = round(setup[f"{method}_edit_seconds"] + step.seconds, 1)
-            if step.edits not in checkpoints:
+            if step.edits not in checkpoints or measured(method, step.edits):
                 print(f"{method}: {step.edits} edits written ({step.seconds:.0f} s)", flush=True)
+                save()
                 return
-            metrics, eval_s = evaluate(model, tokenizer, requests[: step.edits], args)
+            metrics, eval_s = evaluate(model, step.edits)
             rows.append(row(method, step.edits, metrics, step.seconds, eval_s))
-            first, _ = evaluate(model, tokenizer, requests[: args.batch_size], args, ppl=False)
+            first = evaluate_requests(model, tokenizer, requests[: args.batch_size])
             rows[-1]["first_batch_efficacy"] = first["efficacy"]
             print_row(rows[-1])
             save()
 
-        history = edit_sequentially(model, tokenizer, requests, method=method, batch_size=args.batch_size,
-                                    hparams=hp, threshold=args.threshold, alpha=args.alpha, callback=on_batch)
+        if done < len(requests):
+            history = edit_sequentially(model, tokenizer, requests[done:], method=method,
+                                        batch_size=args.batch_size, hparams=hp, history=history,
+                                        threshold=args.threshold, alpha=args.alpha, callback=on_batch,
+                                        save_dir=folder)
+        assert history is not None
         batches = len(history)
         history.revert(model, batches)
         exact = all(torch.equal(adapter.weight(layer), w) for layer, w in before.items())

@@ -239,3 +239,26 @@ def test_bench_runs_lifelong_seq_and_resumes_with_its_statistics(tmp_path):
     assert a["efficacy"] == b["efficacy"] and a["neighborhood"] == b["neighborhood"]
     saved = EditHistory.load(tmp_path / "out" / "state" / "lifelong-seq.history")
     assert len(saved) == 2 and all("layers.1.key.sum" in entry.extras for entry in saved)
+
+
+def test_resume_reads_the_key_statistics_of_the_weights_before_the_sequence(tmp_path, monkeypatch):
+    # With preservation (λ₀ C) and no statistics given, the cached statistics of the *unedited* weights must
+    # be used on resume too: the edited model's own keys would give other updates.
+    monkeypatch.setenv("KEDIT_CACHE", str(tmp_path / "cache"))
+    tok = tiny_tokenizer()
+    through = tiny_model("llama")
+    hp = hparams(through, preserve_weight=0.5)
+    full = edit_sequentially(through, tok, REQUESTS, method="lifelong", batch_size=2, hparams=hp)
+    stopped = tiny_model("llama")
+    edit_sequentially(stopped, tok, REQUESTS[:2], method="lifelong", batch_size=2, hparams=hp,
+                      save_dir=tmp_path / "h")
+    resumed_model = tiny_model("llama")
+    loaded = EditHistory.load(tmp_path / "h")
+    loaded.deltas[0].apply(resumed_model)
+    edited = weights(resumed_model)
+    resumed = edit_sequentially(resumed_model, tok, REQUESTS[2:], method="lifelong", batch_size=2, hparams=hp,
+                                history=loaded)
+    assert [d.digest() for d in full.deltas] == [d.digest() for d in resumed.deltas]
+    assert all(torch.equal(a, b) for a, b in zip(weights(through).values(), weights(resumed_model).values(),
+                                                 strict=True))
+    assert any(not torch.equal(edited[la], weights(tiny_model("llama"))[la]) for la in LAYERS)

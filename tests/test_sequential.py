@@ -121,6 +121,21 @@ def test_truncate_forgets_later_batches_without_touching_the_model(setup, tokeni
     assert same(model, first)
 
 
+def test_weights_before_lends_the_first_weights_and_puts_the_current_ones_back(setup, tokenizer):
+    model, stats, hp = setup
+    first = layer_weights(model)
+    history = edit_sequentially(model, tokenizer, REQUESTS[:4], method="alphaedit", batch_size=2,
+                                statistics=stats, hparams=hp, threshold=1e-6)
+    now = layer_weights(model)
+    assert not same(model, first)
+    with history.weights_before(model):
+        assert same(model, first)
+    assert same(model, now)
+    with pytest.raises(RuntimeError, match="inside"), history.weights_before(model):
+        raise RuntimeError("inside")
+    assert same(model, now) and history.changed_layers(model) == []
+
+
 @pytest.mark.parametrize("method", ["rome", "ft"])
 def test_other_methods_run_sequentially(method, tokenizer):
     model = peaky()

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -199,6 +200,30 @@ class EditHistory:
             for layer in entry.delta.layers:
                 weights[layer] = entry.delta.update(layer).applied_to(weights[layer])
         return weights
+
+    @contextlib.contextmanager
+    def weights_before(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The model with, inside the block, the weights before the first batch; the current ones after, bit-exact.
+
+        What was computed from the unedited model (key statistics, cached by its fingerprint) can be found again
+        when a sequence is resumed on the edited one.
+
+        Example:
+            >>> with history.weights_before(model):  # doctest: +SKIP
+            ...     statistics = load_or_collect_statistics(model, tokenizer, layers)
+        """
+        adapter = ModelAdapter.for_model(model)
+        params = {layer: adapter.weight(layer) for layer in self._initial}
+        current = {layer: p.detach().clone() for layer, p in params.items()}
+        try:
+            with torch.no_grad():
+                for layer, weight in self._initial.items():
+                    params[layer].copy_(weight.to(params[layer].device))
+            yield model
+        finally:
+            with torch.no_grad():
+                for layer, weight in current.items():
+                    params[layer].copy_(weight)
 
     def revert(self, model: nn.Module, k: int = 1, *, force: bool = False) -> None:
         """Undo the last ``k`` batches: the edited layers get, bit for bit, the weights after batch ``n − k``.

@@ -133,7 +133,8 @@ def edit_sequentially(
         method: ``"alphaedit"``, ``"lifelong"``, ``"memit"``, ``"rome"`` or ``"ft"``.
         batch_size: requests per batch (ROME writes a batch as consecutive rank-one updates).
         layers: edit layers (the method's defaults when None).
-        statistics: key statistics of the model *before* the sequence, a file, or None for the cached ones.
+        statistics: key statistics of the model *before* the sequence, a file, or None for the cached ones
+            (a continued ``history``'s first weights are put back while they are found or collected).
         hparams: hyper-parameters (``EditHyperParams.for_model`` when None; MEMIT's for alphaedit).
         history: a history to continue (its batches must be applied to ``model``); a new one when None.
         threshold: AlphaEdit's null-space threshold (read by ``hp.extra["nullspace_rule"]``, "energy" by default).
@@ -168,8 +169,9 @@ def edit_sequentially(
     threshold = float(threshold if threshold is not None else hp.extra.get("nullspace_threshold", DEFAULT_THRESHOLD))
     alpha = float(alpha if alpha is not None else hp.extra.get("alpha", DEFAULT_ALPHA))
     stats, bases = None, None
-    if hp.uses_key_statistics(method):  # once, on the weights before the sequence
-        stats = resolve_statistics(model, tokenizer, hp.layers, statistics, progress=progress)
+    if hp.uses_key_statistics(method):  # once, on the weights before the sequence (also when resuming one)
+        with history.weights_before(model):
+            stats = resolve_statistics(model, tokenizer, hp.layers, statistics, progress=progress)
     if method == "alphaedit":
         rule = str(hp.extra.get("nullspace_rule", DEFAULT_NULLSPACE_RULE))
         bases = null_space_bases(stats, hp.layers, threshold, rule)
