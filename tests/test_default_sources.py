@@ -27,6 +27,24 @@ def test_a_30_layer_llama_that_is_not_smollm2_gets_no_tested_setting():
     assert defaults.with_overrides({"mom2_weight": 50.0, "lambda_relative": True}).lambda_relative
 
 
+def test_a_new_lambda_carries_into_the_preservation_weight_that_defaults_to_it():
+    # λ₀ (AlphaEdit's and the lifelong method's preserve_weight) is MEMIT's λ by default and is read on the
+    # same scale of C: `--lambda 15000` (absolute) must not leave λ₀ at the relative key size / 16.
+    model = tiny_model("llama", num_layers=30)
+    key_size = ModelAdapter.for_model(model).key_size
+    for method in ("alphaedit", "lifelong"):
+        defaults = EditHyperParams.for_model(model, method)
+        assert defaults.extra["preserve_weight"] == defaults.mom2_weight == key_size / 16
+        given = defaults.with_overrides({"mom2_weight": 15000.0})
+        assert given.extra["preserve_weight"] == 15000.0 and not given.lambda_relative
+        assert defaults.with_overrides({"v_steps": 3}).extra["preserve_weight"] == key_size / 16
+        # An explicit λ₀, given with λ or set before, is the user's and stays.
+        both = defaults.with_overrides({"mom2_weight": 15000.0, "extra": {**defaults.extra, "preserve_weight": 2.0}})
+        assert both.extra["preserve_weight"] == 2.0
+        own = defaults.replace(extra={**defaults.extra, "preserve_weight": 7.0})
+        assert own.with_overrides({"mom2_weight": 15000.0}).extra["preserve_weight"] == 7.0
+
+
 def test_a_tested_setting_applies_to_its_exact_checkpoint_only(monkeypatch):
     model = tiny_model("llama")
     monkeypatch.setitem(hparams_module.TESTED_SETTINGS, model_digest(model), {"memit": {"mom2_weight": 123.0,

@@ -181,10 +181,20 @@ class EditHyperParams:
             False
             >>> base.with_overrides({"v_steps": 5}).lambda_relative
             True
+            >>> alphaedit = base.replace(extra={"preserve_weight": 300.0})  # λ₀ = λ, the default
+            >>> alphaedit.with_overrides({"mom2_weight": 15000.0}).extra["preserve_weight"]
+            15000.0
         """
         changes = dict(changes)
-        if changes.get("mom2_weight") is not None and changes.get("lambda_relative") is None:
-            changes["lambda_relative"] = False
+        if changes.get("mom2_weight") is not None:
+            if changes.get("lambda_relative") is None:
+                changes["lambda_relative"] = False
+            # AlphaEdit's and the lifelong method's λ₀ (extra["preserve_weight"]) defaults to λ: it follows a
+            # new λ unless the changes set it too (a λ₀ read against another scale of C would be meaningless).
+            extra = dict(changes.get("extra", self.extra))
+            if "preserve_weight" not in changes.get("extra", {}) and extra.get("preserve_weight") == self.mom2_weight:
+                extra["preserve_weight"] = float(changes["mom2_weight"])
+                changes["extra"] = extra
         return self.replace(**changes)
 
     def uses_key_statistics(self, method: str) -> bool:
@@ -282,7 +292,7 @@ class EditHyperParams:
             # One gradient per fact at the subject and a solve per layer (editing/lifelong.py, eq. 2): MEMIT's
             # layers, with MEMIT's λ C keeping ordinary text's outputs.
             memit = cls.for_model(model, "memit")
-            base = cls(layers=memit.layers, lambda_relative=memit.lambda_relative,
+            base = cls(layers=memit.layers, mom2_weight=memit.mom2_weight, lambda_relative=memit.lambda_relative,
                        extra={"step": DEFAULT_LIFELONG_STEP, "ridge": DEFAULT_LIFELONG_RIDGE,
                               "preserve_weight": memit.mom2_weight, "positions": "subject"})
         elif method == "rome":
