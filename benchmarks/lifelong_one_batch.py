@@ -5,14 +5,17 @@ edits the first ``--n`` CounterFact train facts from the unedited weights (one b
 first ``--eval`` of them (efficacy, paraphrase, neighbourhood) and the perplexity of ``--ppl-tokens`` tokens of
 WikiText-2, then reverts. Rows go to ``--out`` after every setting.
 
-A setting is ``step:ridge[:positions[:preserve_weight]]``: ``η``, ``λ``, where the features are read
-(``subject`` or ``answer``) and ``λ₀`` of the ``λ₀ C`` term (0: none); the parts left out take the model's
-defaults (``EditHyperParams.for_model(model, "lifelong")``).
+A setting is ``step:ridge[:positions[:preserve_weight[:rounds]]]``: ``η``, ``λ``, where the features are read
+(``subject`` or ``answer``), ``λ₀`` of the ``λ₀ C`` term (0: none) and the closed-form rounds per batch; the
+parts left out take the model's defaults (``EditHyperParams.for_model(model, "lifelong")``).
 
 Run (heavy: under the shared lock):
     flock /tmp/kedit-heavy.lock python benchmarks/lifelong_one_batch.py \\
         --settings 1:1:answer:0,4:1:subject:0,4:1:answer:4000,1:1:subject:4000,4:1:subject:4000,16:1:subject:4000 \\
         --out benchmarks/results/lifelong_one_batch.json
+    flock /tmp/kedit-heavy.lock python benchmarks/lifelong_one_batch.py \
+        --settings 4:1:subject:4000:1,4:1:subject:4000:2,4:1:subject:4000:3,4:1:subject:4000:4,2:1:subject:4000:3 \
+        --out benchmarks/results/lifelong_one_batch_rounds.json
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ KEEP = ("efficacy", "paraphrase", "neighborhood", "perplexity")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", default="1:1:answer:0,4:1:subject",
-                        help="comma-separated step:ridge[:positions[:preserve_weight]]")
+                        help="comma-separated step:ridge[:positions[:preserve_weight[:rounds]]]")
     parser.add_argument("--grad-scaling", choices=("feature", "global"), default="feature")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--eval", type=int, default=50)
@@ -60,6 +63,8 @@ def main() -> None:
             extra["positions"] = parts[2]
         if len(parts) > 3:
             extra["preserve_weight"] = float(parts[3])
+        if len(parts) > 4:
+            extra["rounds"] = int(parts[4])
         hp = base.replace(extra=extra)
         if hp.uses_key_statistics("lifelong"):  # collected (or read from the cache) outside the edit's time
             resolve_statistics(model, tok, hp.layers)
@@ -71,7 +76,8 @@ def main() -> None:
                                         ppl_tokens=args.ppl_tokens)
         rows.append({"setting": setting, "step": extra["step"], "ridge": extra["ridge"],
                      "positions": extra["positions"], "preserve_weight": extra["preserve_weight"],
-                     "lambda_relative": hp.lambda_relative, "grad_scaling": args.grad_scaling,
+                     "rounds": extra["rounds"], "lambda_relative": hp.lambda_relative,
+                     "grad_scaling": args.grad_scaling,
                      "edit_s": round(seconds, 1), **{k: metrics[k] for k in KEEP}})
         print(rows[-1], flush=True)
         out.write_text(json.dumps({"setup": vars(args), "layers": list(base.layers), "rows": rows}, indent=1))

@@ -62,6 +62,7 @@ METHODS = ("memit", "rome", "ft", "alphaedit", "lifelong")
 #: features at η = 1 at a fifth of the perplexity cost (SmolLM2, docs/benchmarks/sequential.md).
 DEFAULT_LIFELONG_STEP = 4.0
 DEFAULT_LIFELONG_RIDGE = 1.0
+DEFAULT_LIFELONG_ROUNDS = 3
 #: AlphaEdit's null-space threshold: the share of the preserved keys' energy the null space may hold. Half:
 #: smaller null spaces force larger updates through directions the edit keys barely use, which hurts more
 #: than the energy they exclude (SmolLM2 sweep, docs/benchmarks/sequential.md).
@@ -294,7 +295,8 @@ class EditHyperParams:
             memit = cls.for_model(model, "memit")
             base = cls(layers=memit.layers, mom2_weight=memit.mom2_weight, lambda_relative=memit.lambda_relative,
                        extra={"step": DEFAULT_LIFELONG_STEP, "ridge": DEFAULT_LIFELONG_RIDGE,
-                              "preserve_weight": memit.mom2_weight, "positions": "subject"})
+                              "rounds": DEFAULT_LIFELONG_ROUNDS, "preserve_weight": memit.mom2_weight,
+                              "positions": "subject"})
         elif method == "rome":
             chosen = (min(n - 1, max(0, round(n * 0.17))),)
             base = cls(layers=chosen, clamp_norm=clamp, prefix_lengths=((5, 10), (10, 10)))

@@ -45,6 +45,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,16 +61,18 @@ from lightning_kedit.token_batches import padded_batch, padding_id
 
 from .delta import EditDelta
 from .edit_inputs import check_statistics, resolve_statistics
-from .hparams import DEFAULT_LIFELONG_RIDGE, DEFAULT_LIFELONG_STEP, EditHyperParams
+from .hparams import DEFAULT_LIFELONG_RIDGE, DEFAULT_LIFELONG_ROUNDS, DEFAULT_LIFELONG_STEP, EditHyperParams
 from .keys import locate_token, subject_char_end
 from .memit import scaled_second_moment
 from .solvers import LowRankUpdate
+from .weight_edits import add_to_weight, temporary_updates
 
 if TYPE_CHECKING:
     from .history import EditHistory
 
 __all__ = [
     "DEFAULT_RIDGE",
+    "DEFAULT_ROUNDS",
     "DEFAULT_STEP",
     "FeatureSums",
     "LifelongFeatures",
@@ -83,6 +86,8 @@ __all__ = [
 DEFAULT_STEP = DEFAULT_LIFELONG_STEP
 #: ``λ`` of eq. (1), in normalised key units (a normalised key has squared norm ≈ ``d_k``).
 DEFAULT_RIDGE = DEFAULT_LIFELONG_RIDGE
+#: Closed-form steps per batch, each on the model with the ones before it added.
+DEFAULT_ROUNDS = DEFAULT_LIFELONG_ROUNDS
 _FLOOR = 1e-12
 
 
@@ -371,37 +376,55 @@ def compute_lifelong(
         raise KeditError(f"the lifelong method's `preserve_weight` must be >= 0, got {preserve_weight}")
     positions = str(hparams.extra.get("positions", "subject"))
     _check_positions(positions)
+    rounds = hparams.extra.get("rounds", DEFAULT_ROUNDS)
+    if not (isinstance(rounds, int) and rounds >= 1):
+        raise KeditError(f"the lifelong method's `rounds` must be an integer >= 1, got {rounds!r}")
     adapter = ModelAdapter.for_model(model)
     layers = adapter.check_layers(list(hparams.layers))
     timer = PhaseTimer()
     if preserve_weight > 0:
-        with timer.phase("statistics"):
-            statistics = resolve_statistics(model, tokenizer, layers, statistics)
+        with timer.phase("statistics"), (history.weights_before(model) if history is not None else nullcontext()):
+            statistics = resolve_statistics(model, tokenizer, layers, statistics)  # of the weights before a sequence
             check_statistics(statistics, adapter, layers)
-    with timer.phase("features"):
-        features = fact_features(model, tokenizer, requests, layers, batch_size=hparams.batch_size,
-                                 positions=positions)
-    factors: dict[int, LowRankUpdate] = {}
+    preserves = {layer: preserve_weight * scaled_second_moment(statistics, layer, hparams.lambda_relative)
+                 for layer in layers} if preserve_weight > 0 else {}
+    running = {layer: running_sums(history, layer, adapter.key_size, adapter.value_size) for layer in layers}
+    parts: dict[int, list[LowRankUpdate]] = {layer: [] for layer in layers}
+    batch_sums: dict[str, Tensor] = {}
+    # Round r reads the features of the model with rounds 1..r−1 added (restored afterwards): a few closed-form
+    # steps of the batch's loss, each normalised by the running statistics that include the rounds before it.
+    with temporary_updates(adapter, layers):
+        for round_index in range(rounds):
+            with timer.phase("features"):
+                features = fact_features(model, tokenizer, requests, layers, batch_size=hparams.batch_size,
+                                         positions=positions)
+            with timer.phase("solve"):
+                sums = features.sums()
+                batch_sums = sums if not batch_sums else {k: batch_sums[k] + sums[k] for k in batch_sums}
+                for layer in layers:
+                    key_sums, grad_sums = running[layer]
+                    key_sums = key_sums + FeatureSums.from_tensors(sums, f"layers.{layer}.key")
+                    grad_sums = grad_sums + FeatureSums.from_tensors(sums, f"layers.{layer}.grad")
+                    running[layer] = (key_sums, grad_sums)
+                    grad_scale = grad_sums.rms()
+                    if scaling == "global":  # one scale for every gradient feature: the step keeps its direction
+                        grad_scale = (grad_scale**2).mean().sqrt().expand_as(grad_scale)
+                    update = lifelong_factors(features.keys[layer], features.grads[layer], key_sums.rms(),
+                                              grad_scale, step=step / len(layers), ridge=ridge,
+                                              preserve=preserves.get(layer))
+                    if not (torch.isfinite(update.u).all() and torch.isfinite(update.v).all()):
+                        raise KeditError(f"the lifelong update of layer {layer} is not finite; lower `step` or "
+                                         "raise `ridge`")
+                    parts[layer].append(update)
+                    if round_index < rounds - 1:
+                        add_to_weight(adapter, layer, update.dense())
     with timer.phase("solve"):
-        batch_sums = features.sums()
-        for layer in layers:
-            key_sums, grad_sums = running_sums(history, layer, adapter.key_size, adapter.value_size)
-            key_sums = key_sums + FeatureSums.from_tensors(batch_sums, f"layers.{layer}.key")
-            grad_sums = grad_sums + FeatureSums.from_tensors(batch_sums, f"layers.{layer}.grad")
-            grad_scale = grad_sums.rms()
-            if scaling == "global":  # one scale for every gradient feature: the step keeps the gradient's direction
-                grad_scale = (grad_scale**2).mean().sqrt().expand_as(grad_scale)
-            preserve = (preserve_weight * scaled_second_moment(statistics, layer, hparams.lambda_relative)
-                        if preserve_weight > 0 else None)
-            update = lifelong_factors(features.keys[layer], features.grads[layer], key_sums.rms(), grad_scale,
-                                      step=step / len(layers), ridge=ridge, preserve=preserve)
-            if not (torch.isfinite(update.u).all() and torch.isfinite(update.v).all()):
-                raise KeditError(f"the lifelong update of layer {layer} is not finite; lower `step` or raise `ridge`")
-            factors[layer] = update
+        factors = {layer: LowRankUpdate(torch.cat([u.u for u in ups], 1), torch.cat([u.v for u in ups], 1))
+                   for layer, ups in parts.items()}
         delta = EditDelta.from_model(
             model, factors, method="lifelong",
             hparams={**hparams.to_dict(), "step": step, "ridge": ridge, "grad_scaling": scaling,
-                     "preserve_weight": preserve_weight, "positions": positions,
+                     "preserve_weight": preserve_weight, "positions": positions, "rounds": rounds,
                      "previous_edits": history.num_edits if history is not None else 0},
             request_ids=[r.case_id for r in requests], tokenizer=tokenizer,
         )
