@@ -10,8 +10,8 @@ written so far (:func:`lightning_kedit.evaluation.request_evaluation.evaluate_re
 end the whole sequence is reverted with ``history.revert(model, len(history))`` and the weights are checked
 bit-exact. Each method's row also holds ``first_batch_efficacy`` (retention: the efficacy of the first batch's
 facts on the model as it is now) and the setup its summed edit seconds (``<method>_edit_seconds``, evaluation
-excluded). Rows go to a JSON file after every batch (a killed run keeps what it measured), a table to stdout,
-and a PNG of the curves when matplotlib is installed.
+excluded), and ``peak_rss_gb`` the process's peak resident memory. Rows go to a JSON file after every batch
+(a killed run keeps what it measured), a table to stdout, and a PNG of the curves when matplotlib is installed.
 
 Long sequences: ``--eval-sample S`` evaluates, at each checkpoint, a fixed sample of at most ``S`` of the facts
 written so far (the first of one seeded permutation of all ``--n``), the unedited rows on the same samples.
@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import sys
 import time
 from pathlib import Path
@@ -275,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         exact = all(torch.equal(adapter.weight(layer), w) for layer, w in before.items())
         print(f"{method}: reverted all {batches} batches, weights bit-exact: {exact}", flush=True)
         setup[f"{method}_revert_exact"] = exact
+        # Peak resident memory of this process so far (Linux reports KiB), the model and evaluation included.
+        setup["peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
         save()
     plot(rows, out.with_suffix(".png"))
 

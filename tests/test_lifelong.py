@@ -170,6 +170,55 @@ def test_an_edit_reaches_its_target_on_a_tiny_llama(positions, preserve_weight, 
     assert delta.method == "lifelong" and tuple(delta.request_ids) == ("0",)
 
 
+def test_rounds_are_one_round_edits_of_the_same_batch_one_after_the_other():
+    # Round r reads the model with rounds 1..r−1 added and normalises with the sums that include them: the same
+    # as r one-round edits of the batch written in sequence (up to float rounding: one delta holds them all).
+    tok = tiny_tokenizer()
+    model, stepwise = tiny_model("llama"), tiny_model("llama")
+    before = weights(model)
+    delta = compute_edit(model, tok, REQUESTS[:3], method="lifelong", hparams=hparams(model, rounds=3))
+    assert delta.hparams["rounds"] == 3 and torch.equal(weights(model)[1], before[1])  # model left unchanged
+    assert delta.update(1).rank == 3 * 3  # one rank-n factor pair per round
+    history = EditHistory()
+    for _ in range(3):
+        extras: dict = {}
+        step = compute_edit(stepwise, tok, REQUESTS[:3], method="lifelong", hparams=hparams(stepwise, rounds=1),
+                            history=history, extras=extras)
+        step.apply(stepwise)
+        history.push(step, {}, extras=extras)
+    delta.apply(model)
+    for layer in LAYERS:
+        diff = (weights(model)[layer] - weights(stepwise)[layer]).abs().max()
+        assert diff <= 1e-5 * weights(stepwise)[layer].abs().max(), diff
+    assert not torch.allclose(weights(model)[2], before[2], atol=1e-4)
+
+
+def test_more_rounds_write_more_of_the_answers():
+    # At the answer positions (a random tiny model barely carries a change at the subject through attention).
+    tok = tiny_tokenizer()
+    model = tiny_model("llama")
+    batch = REQUESTS[:3]
+    rows = [(tok(r.prompt_text + " " + r.target_new)["input_ids"], len(tok(r.prompt_text)["input_ids"]))
+            for r in batch]
+
+    def answers_log_prob() -> float:
+        total = 0.0
+        for ids, shared in rows:
+            with torch.no_grad():
+                lp = model(input_ids=torch.tensor([ids])).logits.log_softmax(-1)[0]
+            total += sum(float(lp[t - 1, ids[t]]) for t in range(shared, len(ids)))
+        return total
+
+    base = answers_log_prob()
+    gains = []
+    for rounds in (1, 3):
+        delta = compute_edit(model, tok, batch, method="lifelong",
+                             hparams=hparams(model, rounds=rounds, positions="answer"))
+        with delta.applied(model):
+            gains.append(answers_log_prob() - base)
+    assert gains[1] > gains[0] > 0, gains
+
+
 def test_resumed_sequence_is_bit_identical_to_one_that_ran_through(tmp_path):
     tok = tiny_tokenizer()
     through = tiny_model("llama")
@@ -216,6 +265,9 @@ def test_bad_options_are_refused_and_leave_the_model():
         compute_edit(model, tok, REQUESTS[:1], method="lifelong", hparams=hparams(model), keys={})
     with pytest.raises(KeditError, match="preserve_weight"):
         compute_edit(model, tok, REQUESTS[:1], method="lifelong", hparams=hparams(model, preserve_weight=-1.0))
+    for rounds in (0, 1.5):
+        with pytest.raises(KeditError, match="rounds"):
+            compute_edit(model, tok, REQUESTS[:1], method="lifelong", hparams=hparams(model, rounds=rounds))
     with pytest.raises(KeditError, match="'last'"):
         compute_edit(model, tok, REQUESTS[:1], method="lifelong", hparams=hparams(model, positions="last"))
     with pytest.raises(KeditError, match="extras"):
