@@ -70,7 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="AlphaEdit's null-space threshold (a share of the keys' energy under --rule energy)")
     parser.add_argument("--rule", choices=("energy", "eigenvalue"), default=None, help="how --threshold is read")
     parser.add_argument("--preserve-weight", type=float, default=None,
-                        help="AlphaEdit's weight of λ₀ C inside the null space (0: the paper's solve)")
+                        help="λ₀ of the λ₀ C term: AlphaEdit's inside the null space (0: the paper's solve), "
+                             "the lifelong method's eq. (2)")
+    parser.add_argument("--label", default=None,
+                        help="name the rows of a single method so (default: the method), e.g. for a sweep")
+    parser.add_argument("--rounds", type=int, default=None, help="the lifelong method's closed-form rounds per batch")
     parser.add_argument("--alpha", type=float, default=None, help="AlphaEdit's relative weight of |Δ|²")
     parser.add_argument("--requests", default=str(DATA / "counterfact" / "counterfact-train.json"))
     parser.add_argument("--ppl-text", default=str(DATA / "text" / "wikitext2_test.txt"))
@@ -204,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge:
         merge([p for p in args.merge.split(",") if p], out)
         return
+    if args.label and "," in args.methods.strip(","):
+        raise SystemExit(f"--label names the rows of one method; got --methods {args.methods}")
     model, tokenizer = load_model("smollm2")
     requests = load_requests(args.requests, n=args.n)
     setup = {k: v for k, v in vars(args).items() if k != "out"}
@@ -242,6 +248,9 @@ def main(argv: list[str] | None = None) -> None:
         if method == "alphaedit":
             options = {"nullspace_rule": args.rule, "preserve_weight": args.preserve_weight}
             hp = hp.replace(extra={**hp.extra, **{k: v for k, v in options.items() if v is not None}})
+        if method == "lifelong":
+            options = {"preserve_weight": args.preserve_weight, "rounds": args.rounds}
+            hp = hp.replace(extra={**hp.extra, **{k: v for k, v in options.items() if v is not None}})
         if args.prefixes is not None:
             hp = hp.replace(prefix_lengths=((10, args.prefixes),))
         adapter = ModelAdapter.for_model(model)
@@ -254,12 +263,12 @@ def main(argv: list[str] | None = None) -> None:
 
         def on_batch(step: SequentialStep, method: str = method) -> None:
             setup[f"{method}_edit_seconds"] = round(setup[f"{method}_edit_seconds"] + step.seconds, 1)
-            if step.edits not in checkpoints or measured(method, step.edits):
+            if step.edits not in checkpoints or measured(args.label or method, step.edits):
                 print(f"{method}: {step.edits} edits written ({step.seconds:.0f} s)", flush=True)
                 save()
                 return
             metrics, eval_s = evaluate(model, step.edits)
-            rows.append(row(method, step.edits, metrics, step.seconds, eval_s))
+            rows.append(row(args.label or method, step.edits, metrics, step.seconds, eval_s))
             first = evaluate_requests(model, tokenizer, requests[: args.batch_size])
             rows[-1]["first_batch_efficacy"] = first["efficacy"]
             print_row(rows[-1])
