@@ -9,7 +9,7 @@ from tiny_models import tiny_model, tiny_tokenizer
 
 from lightning_kedit.cli import main
 from lightning_kedit.editing import hparams as hparams_module
-from lightning_kedit.editing.hparams import EditHyperParams
+from lightning_kedit.editing.hparams import LIFELONG_PRESERVE_FACTOR, EditHyperParams
 from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import model_digest
 
@@ -32,12 +32,12 @@ def test_a_new_lambda_carries_into_the_preservation_weight_that_defaults_to_it()
     # same scale of C: `--lambda 15000` (absolute) must not leave λ₀ at the relative key size / 16.
     model = tiny_model("llama", num_layers=30)
     key_size = ModelAdapter.for_model(model).key_size
-    for method in ("alphaedit", "lifelong"):
+    for method, factor in (("alphaedit", 1.0), ("lifelong", LIFELONG_PRESERVE_FACTOR)):
         defaults = EditHyperParams.for_model(model, method)
-        assert defaults.extra["preserve_weight"] == defaults.mom2_weight == key_size / 16
+        assert defaults.extra["preserve_weight"] == defaults.mom2_weight == factor * key_size / 16
         given = defaults.with_overrides({"mom2_weight": 15000.0})
         assert given.extra["preserve_weight"] == 15000.0 and not given.lambda_relative
-        assert defaults.with_overrides({"v_steps": 3}).extra["preserve_weight"] == key_size / 16
+        assert defaults.with_overrides({"v_steps": 3}).extra["preserve_weight"] == factor * key_size / 16
         # An explicit λ₀, given with λ or set before, is the user's and stays.
         both = defaults.with_overrides({"mom2_weight": 15000.0, "extra": {**defaults.extra, "preserve_weight": 2.0}})
         assert both.extra["preserve_weight"] == 2.0
