@@ -31,6 +31,11 @@ which is eq. (1) when ``λ₀ = 0`` (push-through identity). It is solved in its
 normalised coordinates, ``Δ̂ = V*ᵀ K̂ (K̂ᵀK̂ + λ₀ D⁻¹CD⁻¹ + λI)⁻¹``, and stored as ``U = V*ᵀ``,
 ``V = D⁻¹ (K̂ᵀK̂ + λ₀ D⁻¹CD⁻¹ + λI)⁻¹ K̂ᵀ``.
 
+*Rounds* (``rounds`` ``r``, default 3): one normalised step moves each value the right way but not far enough.
+A batch takes ``r`` closed-form steps; round ``j`` reads the features of the model with rounds ``1…j−1`` added
+(only while the edit is computed) and normalises them with the running sums that include those rounds. The
+delta holds the ``r`` factor pairs side by side, which equals ``r`` one-round edits of the batch in sequence.
+
 The running sums of each batch are recorded in the :class:`~.history.EditHistory` (``HistoryEntry.extras``),
 and the statistics a batch uses are the ordered float64 sum over the earlier entries: a sequence stopped,
 saved and resumed computes bit-identical updates, and reverting the last ``k`` batches also rewinds the
@@ -351,7 +356,8 @@ def compute_lifelong(
             ``extra["ridge"]`` (``λ``), ``extra["preserve_weight"]`` (``λ₀`` of eq. 2, in MEMIT's units of ``C``;
             0 for eq. 1), ``extra["positions"]`` (``"subject"`` or ``"answer"``), ``extra["grad_scaling"]``:
             ``"feature"`` (default: ``s_g`` per feature) or ``"global"`` (one RMS over all gradient features, which
-            keeps the gradient's direction).
+            keeps the gradient's direction), ``extra["rounds"]`` (closed-form steps per batch, each on the model
+            with the earlier ones added).
         statistics: key statistics for eq. (2) (of the model before a sequence), a file, or None for the cached
             ones; unused when ``preserve_weight`` is 0.
         history: the earlier batches, whose running sums the normalisation starts from; None for none.
