@@ -30,7 +30,10 @@ LAYERS = [1, 2]
 
 def _hparams(model) -> EditHyperParams:
     # Two generated prefixes (generation runs on the sharded model too) and enough steps to write the facts.
-    return EditHyperParams.for_model(model, "memit", LAYERS).replace(v_steps=12, prefix_lengths=((3, 2),))
+    # A sharded model optimises its targets in float32 (the bfloat16 phase needs whole copies of the upper
+    # blocks); the unsharded reference must too, also on a CPU with native bfloat16 where it is on by default.
+    return EditHyperParams.for_model(model, "memit", LAYERS).replace(v_steps=12, prefix_lengths=((3, 2),),
+                                                                     v_bfloat16=False)
 
 
 def _statistics(model, tokenizer):

@@ -24,7 +24,9 @@ WORLD = 2
 
 def _setup(requests_path: str):
     model, tokenizer = load_model("smollm2")
-    hparams = EditHyperParams.for_model(model, "memit")
+    # A sharded model optimises its targets in float32 (the bfloat16 phase needs whole copies of the upper
+    # blocks); the unsharded reference must too, also on a CPU with native bfloat16 where it is on by default.
+    hparams = EditHyperParams.for_model(model, "memit").replace(v_bfloat16=False)
     statistics = resolve_statistics(model, tokenizer, hparams.layers)  # the cached statistics of the corpus
     return model, tokenizer, hparams, statistics, load_requests(requests_path, n=5)
 
