@@ -29,7 +29,9 @@ def test_memit_on_a_lora_model_equals_memit_on_its_merged_weights(targets):
     adapter = ModelAdapter.for_model(wrapped)
     assert adapter.weight_name(1) == "model.layers.1.mlp.down_proj.weight"
     assert adapter.weight(1) is ModelAdapter.for_model(base).weight(1)  # the base weight, not the LoRA factors
-    hp = EditHyperParams.for_model(merged, "memit").replace(layers=(1, 2), v_steps=5)
+    # In float32: the bfloat16 phase (on by default on a CPU with native bfloat16) rounds the LoRA sum W + BA
+    # and the merged weight differently, which the optimisation then carries into the targets.
+    hp = EditHyperParams.for_model(merged, "memit").replace(layers=(1, 2), v_steps=5, v_bfloat16=False)
     on_wrapped = compute_edit(wrapped, tokenizer, REQUESTS, hparams=hp, statistics=stats)
     on_merged = compute_edit(merged, tokenizer, REQUESTS, hparams=hp, statistics=stats)
     for layer in (1, 2):
