@@ -38,6 +38,7 @@ from lightning_kedit.models.adapters import ModelAdapter
 from lightning_kedit.models.fingerprint import weights_hash
 
 from .delta import DeltaFileError, EditDelta
+from .weight_edits import temporary_updates
 
 __all__ = ["EditHistory", "HistoryEntry", "HistoryError"]
 
@@ -213,17 +214,12 @@ class EditHistory:
             ...     statistics = load_or_collect_statistics(model, tokenizer, layers)
         """
         adapter = ModelAdapter.for_model(model)
-        params = {layer: adapter.weight(layer) for layer in self._initial}
-        current = {layer: p.detach().clone() for layer, p in params.items()}
-        try:
+        with temporary_updates(adapter, list(self._initial)):  # puts the current weights back on exit
             with torch.no_grad():
                 for layer, weight in self._initial.items():
-                    params[layer].copy_(weight.to(params[layer].device))
+                    param = adapter.weight(layer)
+                    param.copy_(weight.to(param.device))
             yield model
-        finally:
-            with torch.no_grad():
-                for layer, weight in current.items():
-                    params[layer].copy_(weight)
 
     def revert(self, model: nn.Module, k: int = 1, *, force: bool = False) -> None:
         """Undo the last ``k`` batches: the edited layers get, bit for bit, the weights after batch ``n − k``.

@@ -81,9 +81,11 @@ def token_agreement(predicted: Sequence[Tensor], reference: Sequence[Tensor]) ->
     return sum(shares) / len(shares)
 
 
-def _gold_tokens(tokenizer: Any, prompts: Sequence[str], answers: Sequence[str]) -> list[Tensor]:
-    """The answers' own tokens, as :func:`argmax_tokens` aligns them."""
-    return [torch.tensor(ids[context:]) for ids, context in encode_pairs(tokenizer, prompts, answers)]
+def _token_accuracy(model: nn.Module, tokenizer: Any, prompts: Sequence[str], answers: Sequence[str]) -> float:
+    """The field's token accuracy: argmax tokens against the answers' own tokens, as :func:`argmax_tokens` aligns
+    them."""
+    gold = [torch.tensor(ids[context:]) for ids, context in encode_pairs(tokenizer, prompts, answers)]
+    return token_agreement(argmax_tokens(model, tokenizer, prompts, answers), gold)
 
 
 def _locality_pairs(requests: Sequence[EditRequest]) -> tuple[list[str], list[str]]:
@@ -119,16 +121,14 @@ def field_scores(
     prompts = [r.prompt_text for r in requests]
     targets = [r.target_new for r in requests]
     scores: dict[str, float | None] = {
-        "efficacy_tokens": token_agreement(argmax_tokens(model, tokenizer, prompts, targets),
-                                           _gold_tokens(tokenizer, prompts, targets)),
+        "efficacy_tokens": _token_accuracy(model, tokenizer, prompts, targets),
         "generalization_tokens": None,
         "locality_tokens": None,
     }
     paraphrases = [(p, r.target_new) for r in requests for p in r.paraphrase_prompts]
     if paraphrases:
         p_prompts, p_targets = [p for p, _ in paraphrases], [a for _, a in paraphrases]
-        scores["generalization_tokens"] = token_agreement(argmax_tokens(model, tokenizer, p_prompts, p_targets),
-                                                          _gold_tokens(tokenizer, p_prompts, p_targets))
+        scores["generalization_tokens"] = _token_accuracy(model, tokenizer, p_prompts, p_targets)
     l_prompts, l_answers = _locality_pairs(requests)
     if reference is not None and l_prompts:
         if len(reference) != len(l_prompts):
