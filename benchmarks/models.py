@@ -34,6 +34,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from machine import describe_machine
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 #: name -> (wheel name pattern, number of parts, version, sha256 of the assembled GGUF).
@@ -147,10 +149,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(2)
     out = Path(args.out)
-    rows: dict[str, Any] = json.loads(out.read_text())["rows"] if out.is_file() else {}
+    earlier = json.loads(out.read_text()) if out.is_file() else {"rows": {}}
+    rows: dict[str, Any] = earlier["rows"]
+    for row in rows.values():  # files written before rows named their machine name it once, at the top
+        row.setdefault("machine", earlier.get("machine", "unknown"))
 
     def save() -> None:
-        atomic_write_json(out, {"machine": "2-core AMD EPYC VM, AVX2, 24 GB, torch 2.13 CPU", "rows": rows})
+        atomic_write_json(out, {"rows": rows})
 
     requests = load_requests(DATA / "counterfact" / "counterfact-val.json", n=args.n)
     for name in args.models.split(","):
@@ -166,12 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         load_seconds = round(time.perf_counter() - start, 1)
         if base not in rows:
             rows[base] = {"model": name, "n": args.n, "ppl_tokens": args.ppl_tokens, "load_seconds": load_seconds,
+                          "machine": describe_machine(),
                           "unedited": _evaluate(model, tokenizer, requests, args.ppl_tokens)}
             save()
         for setting, key in keys.items():
             if key in rows:
                 continue
-            rows[key] = {"model": name, "n": args.n, "ppl_tokens": args.ppl_tokens,
+            rows[key] = {"model": name, "n": args.n, "ppl_tokens": args.ppl_tokens, "machine": describe_machine(),
                          **edit_row(model, tokenizer, requests, setting, args.ppl_tokens)}
             save()
             print(json.dumps({"unedited": rows[base]["unedited"], **rows[key]}, indent=1), flush=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the test suite's server helper
 
+from machine import describe_machine
 from serve_helpers import WRITE_KEY, Server, call
 
 from lightning_kedit.files import atomic_write_json
@@ -167,7 +168,7 @@ def main() -> None:
         "phases": {name: summarise([r for r in load.records if r["phase"] == name], seconds)
                    for name, seconds in phases.items()},
         "edits": edits,
-        "machine": "2-core AMD EPYC VM (AVX2), 24 GB, torch 2.13 CPU, shared with other work",
+        "machine": describe_machine() + ", shared with other work",
     }
     atomic_write_json(args.out, result)
     print(json.dumps(result, indent=1))
