@@ -90,9 +90,16 @@ def test_loaded_history_reverts_a_fresh_model_and_continues(setup, tokenizer, tm
     torch.testing.assert_close(loaded.keys(2), history.keys(2), rtol=0, atol=0)
     loaded.revert(model, 1)
     assert same(model, after_one)
+    written = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "h").glob("batch_00001_*")}
     more = edit_sequentially(model, tokenizer, REQUESTS[4:], method="alphaedit", batch_size=2, statistics=stats,
-                             hparams=hp, threshold=1e-6, history=loaded)
+                             hparams=hp, threshold=1e-6, history=loaded, save_dir=tmp_path / "h")
     assert more is loaded and len(loaded) == 2 and loaded[1].delta.hparams["previous_edits"] == 2
+    # The save after the new batch writes its files only; batch 1's are left as they were.
+    assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "h").glob("batch_00001_*")} == written
+    # The folder held batch 2 of the first run, reverted since: the new index names the new batch 2 only.
+    assert len(written) == 2 and len(list((tmp_path / "h").glob("batch_*"))) == 4
+    reloaded = EditHistory.load(tmp_path / "h")
+    torch.testing.assert_close(reloaded.keys(2), loaded.keys(2), rtol=0, atol=0)
     loaded.revert(model, 2)
     assert same(model, first)
 

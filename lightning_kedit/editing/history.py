@@ -294,11 +294,15 @@ class EditHistory:
         names = []
         for index, entry in enumerate(self._entries):
             name = f"batch_{index + 1:05d}_{entry.delta.digest()[:12]}"
+            # A batch's files are named by its delta's digest and each is written atomically, so one that is
+            # present is complete and belongs to that delta: a save writes only the batches new since the last
+            # one (a long sequence saved after every batch stays linear in the number of batches).
             if not (folder / f"{name}.delta.safetensors").is_file():
                 entry.delta.save(folder / f"{name}.delta.safetensors")
-            atomic_save_safetensors({f"layers.{la}": k for la, k in entry.keys.items()},
-                                    folder / f"{name}.keys.safetensors")
-            if entry.extras:
+            if not (folder / f"{name}.keys.safetensors").is_file():
+                atomic_save_safetensors({f"layers.{la}": k for la, k in entry.keys.items()},
+                                        folder / f"{name}.keys.safetensors")
+            if entry.extras and not (folder / f"{name}.extras.safetensors").is_file():
                 atomic_save_safetensors(dict(entry.extras), folder / f"{name}.extras.safetensors")
             names.append(name)
         atomic_save_safetensors({f"layers.{la}": w.contiguous() for la, w in self._initial.items()},
@@ -306,6 +310,11 @@ class EditHistory:
         index_data = {"format": FORMAT, "version": FORMAT_VERSION, "batches": names,
                       "initial_hashes": {str(la): weights_hash(w) for la, w in self._initial.items()}}
         atomic_write_json(folder / "history.json", index_data, indent=1)
+        # Batches reverted or truncated since an earlier save into this folder: their files are no longer named by
+        # the index, and are removed only now that the new index is in place.
+        for stale in folder.glob("batch_*.safetensors"):
+            if stale.name.split(".")[0] not in names:
+                stale.unlink(missing_ok=True)
         return folder
 
     @classmethod
