@@ -75,6 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--label", default=None,
                         help="name the rows of a single method so (default: the method), e.g. for a sweep")
     parser.add_argument("--rounds", type=int, default=None, help="the lifelong method's closed-form rounds per batch")
+    parser.add_argument("--solve", choices=("batch", "cumulative"), default=None,
+                        help="the lifelong method's solve: each batch alone, or the total over every batch")
     parser.add_argument("--alpha", type=float, default=None, help="AlphaEdit's relative weight of |Δ|²")
     parser.add_argument("--requests", default=str(DATA / "counterfact" / "counterfact-train.json"))
     parser.add_argument("--ppl-text", default=str(DATA / "text" / "wikitext2_test.txt"))
@@ -249,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
             options = {"nullspace_rule": args.rule, "preserve_weight": args.preserve_weight}
             hp = hp.replace(extra={**hp.extra, **{k: v for k, v in options.items() if v is not None}})
         if method == "lifelong":
-            options = {"preserve_weight": args.preserve_weight, "rounds": args.rounds}
+            options = {"preserve_weight": args.preserve_weight, "rounds": args.rounds, "solve": args.solve}
             hp = hp.replace(extra={**hp.extra, **{k: v for k, v in options.items() if v is not None}})
         if args.prefixes is not None:
             hp = hp.replace(prefix_lengths=((10, args.prefixes),))

@@ -219,18 +219,20 @@ def test_more_rounds_write_more_of_the_answers():
     assert gains[1] > gains[0] > 0, gains
 
 
-def test_resumed_sequence_is_bit_identical_to_one_that_ran_through(tmp_path):
+@pytest.mark.parametrize("solve", ["batch", "cumulative"])
+def test_resumed_sequence_is_bit_identical_to_one_that_ran_through(tmp_path, solve):
     tok = tiny_tokenizer()
     through = tiny_model("llama")
-    full = edit_sequentially(through, tok, REQUESTS, method="lifelong", batch_size=2, hparams=hparams(through))
+    full = edit_sequentially(through, tok, REQUESTS, method="lifelong", batch_size=2,
+                             hparams=hparams(through, solve=solve))
     stopped = tiny_model("llama")
-    edit_sequentially(stopped, tok, REQUESTS[:2], method="lifelong", batch_size=2, hparams=hparams(stopped),
-                      save_dir=tmp_path)
+    edit_sequentially(stopped, tok, REQUESTS[:2], method="lifelong", batch_size=2,
+                      hparams=hparams(stopped, solve=solve), save_dir=tmp_path)
     resumed_model = tiny_model("llama")
     EditHistory.load(tmp_path).deltas[0].apply(resumed_model)
     loaded = EditHistory.load(tmp_path)
     resumed = edit_sequentially(resumed_model, tok, REQUESTS[2:], method="lifelong", batch_size=2,
-                                hparams=hparams(resumed_model), history=loaded)
+                                hparams=hparams(resumed_model, solve=solve), history=loaded)
     assert all(torch.equal(a, b) for a, b in zip(weights(through).values(), weights(resumed_model).values(),
                                                  strict=True))
     assert [d.digest() for d in full.deltas] == [d.digest() for d in resumed.deltas]
@@ -239,19 +241,21 @@ def test_resumed_sequence_is_bit_identical_to_one_that_ran_through(tmp_path):
     assert float(keys_after.count) == float(sum(e.extras["layers.1.key.count"].item() for e in full))
 
 
-def test_revert_last_batches_is_exact_and_rewinds_the_statistics():
+@pytest.mark.parametrize("solve", ["batch", "cumulative"])
+def test_revert_last_batches_is_exact_and_rewinds_the_statistics(solve):
     tok = tiny_tokenizer()
     model = tiny_model("llama")
     snapshots = []
-    history = edit_sequentially(model, tok, REQUESTS, method="lifelong", batch_size=2, hparams=hparams(model),
+    history = edit_sequentially(model, tok, REQUESTS, method="lifelong", batch_size=2,
+                                hparams=hparams(model, solve=solve),
                                 callback=lambda step: snapshots.append(weights(step.model)))
     second = history.deltas[1]
     history.revert(model, 2)
     assert all(torch.equal(weights(model)[la], snapshots[0][la]) for la in LAYERS)
     assert len(history) == 1
-    # Written again, batch 2 is bit-identical: the reverted batches' sums left the statistics.
-    again = edit_sequentially(model, tok, REQUESTS[2:4], method="lifelong", batch_size=2, hparams=hparams(model),
-                              history=history)
+    # Written again, batch 2 is bit-identical: the reverted batches' sums (and rows) left the statistics.
+    again = edit_sequentially(model, tok, REQUESTS[2:4], method="lifelong", batch_size=2,
+                              hparams=hparams(model, solve=solve), history=history)
     assert again.deltas[1].digest() == second.digest()
     assert all(torch.equal(weights(model)[la], snapshots[1][la]) for la in LAYERS)
 

@@ -68,9 +68,10 @@ from .delta import EditDelta
 from .edit_inputs import check_statistics, resolve_statistics
 from .hparams import DEFAULT_LIFELONG_RIDGE, DEFAULT_LIFELONG_ROUNDS, DEFAULT_LIFELONG_STEP, EditHyperParams
 from .keys import locate_token, subject_char_end
+from .lifelong_cumulative import SOLVES, cumulative_total, recorded_rows, row_tensors
 from .memit import scaled_second_moment
 from .solvers import LowRankUpdate
-from .weight_edits import add_to_weight, temporary_updates
+from .weight_edits import add_to_weight, current_weight, temporary_updates
 
 if TYPE_CHECKING:
     from .history import EditHistory
@@ -210,6 +211,26 @@ def lifelong_factors(keys: Tensor, grads: Tensor, key_scale: Tensor, grad_scale:
     left = torch.linalg.solve(gram, shifts).T  # V*ᵀ (K̂K̂ᵀ + λI)⁻¹ (gram is symmetric)
     right = (k_hat / scale).T  # (diag(1/s_k) K̂ᵀ): d_k × n
     return LowRankUpdate(left, right)
+
+
+def _cumulative_change(keys: Tensor, grads: Tensor, key_scale: Tensor, grad_scale: Tensor,
+                       memory: tuple[Tensor, Tensor], offset: Tensor, step: float, ridge: float,
+                       preserve: Tensor | None, record: dict[str, Tensor] | None, layer: int) -> LowRankUpdate:
+    """One round of the cumulative solve at ``layer``: the change of the total update (eq. 3), as factors.
+
+    The batch's rows ask each key for what the layer gives it now plus the value step:
+    ``r = (W − W₀) k + v*``, ``v* = −η ĝ`` (``offset`` is ``W − W₀``); ``record`` receives them.
+    """
+    targets = keys @ offset.T - step * grads / grad_scale
+    total = cumulative_total(torch.cat([memory[0], keys]), torch.cat([memory[1], targets]), key_scale,
+                             ridge=ridge, preserve=preserve)
+    if record is not None:
+        record.update(row_tensors(layer, keys, targets))
+    change = total - offset
+    # ΔW = U Vᵀ with the identity on the smaller side: (d_v + d_k) min(d_v, d_k) numbers for a dense change.
+    if change.shape[0] <= change.shape[1]:
+        return LowRankUpdate(torch.eye(change.shape[0], dtype=change.dtype), change.T)
+    return LowRankUpdate(change, torch.eye(change.shape[1], dtype=change.dtype))
 
 
 def _answer_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> tuple[list[int], int, int]:
@@ -357,7 +378,8 @@ def compute_lifelong(
             0 for eq. 1), ``extra["positions"]`` (``"subject"`` or ``"answer"``), ``extra["grad_scaling"]``:
             ``"feature"`` (default: ``s_g`` per feature) or ``"global"`` (one RMS over all gradient features, which
             keeps the gradient's direction), ``extra["rounds"]`` (closed-form steps per batch, each on the model
-            with the earlier ones added).
+            with the earlier ones added), ``extra["solve"]``: ``"batch"`` (default: eq. 2 for the batch alone) or
+            ``"cumulative"`` (the total update solves eq. 3 of :mod:`.lifelong_cumulative` over every batch).
         statistics: key statistics for eq. (2) (of the model before a sequence), a file, or None for the cached
             ones; unused when ``preserve_weight`` is 0.
         history: the earlier batches, whose running sums the normalisation starts from; None for none.
@@ -385,9 +407,21 @@ def compute_lifelong(
     rounds = hparams.extra.get("rounds", DEFAULT_ROUNDS)
     if not (isinstance(rounds, int) and rounds >= 1):
         raise KeditError(f"the lifelong method's `rounds` must be an integer >= 1, got {rounds!r}")
+    solve = str(hparams.extra.get("solve", "batch"))
+    if solve not in SOLVES:
+        raise KeditError(f"the lifelong method's `solve`={solve!r} is neither 'batch' (each batch alone) nor "
+                         "'cumulative' (the total update over every batch)")
     adapter = ModelAdapter.for_model(model)
     layers = adapter.check_layers(list(hparams.layers))
     timer = PhaseTimer()
+    memory, offsets = {}, {}
+    if solve == "cumulative":  # eq. (3): the rows of every earlier batch, and the change since the first weights
+        memory = recorded_rows(history, layers, adapter.key_size, adapter.value_size)
+        first = history.weights_after(0) if history is not None else {}
+        for layer in layers:
+            now = current_weight(adapter, layer)
+            offsets[layer] = now - adapter.from_stored_layout(first[layer]).to(torch.float64) if layer in first \
+                else torch.zeros_like(now)
     if preserve_weight > 0:
         with timer.phase("statistics"), (history.weights_before(model) if history is not None else nullcontext()):
             statistics = resolve_statistics(model, tokenizer, layers, statistics)  # of the weights before a sequence
@@ -397,6 +431,7 @@ def compute_lifelong(
     running = {layer: running_sums(history, layer, adapter.key_size, adapter.value_size) for layer in layers}
     parts: dict[int, list[LowRankUpdate]] = {layer: [] for layer in layers}
     batch_sums: dict[str, Tensor] = {}
+    rows: dict[str, Tensor] = {}  # the cumulative solve's rows of this batch (its last round)
     # Round r reads the features of the model with rounds 1..r−1 added (restored afterwards): a few closed-form
     # steps of the batch's loss, each normalised by the running statistics that include the rounds before it.
     with temporary_updates(adapter, layers):
@@ -415,9 +450,16 @@ def compute_lifelong(
                     grad_scale = grad_sums.rms()
                     if scaling == "global":  # one scale for every gradient feature: the step keeps its direction
                         grad_scale = (grad_scale**2).mean().sqrt().expand_as(grad_scale)
-                    update = lifelong_factors(features.keys[layer], features.grads[layer], key_sums.rms(),
-                                              grad_scale, step=step / len(layers), ridge=ridge,
-                                              preserve=preserves.get(layer))
+                    if solve == "cumulative":
+                        update = _cumulative_change(features.keys[layer], features.grads[layer], key_sums.rms(),
+                                                    grad_scale, memory[layer], offsets[layer], step / len(layers),
+                                                    ridge, preserves.get(layer), rows if round_index == rounds - 1
+                                                    else None, layer)
+                        offsets[layer] = offsets[layer] + update.dense()
+                    else:
+                        update = lifelong_factors(features.keys[layer], features.grads[layer], key_sums.rms(),
+                                                  grad_scale, step=step / len(layers), ridge=ridge,
+                                                  preserve=preserves.get(layer))
                     if not (torch.isfinite(update.u).all() and torch.isfinite(update.v).all()):
                         raise KeditError(f"the lifelong update of layer {layer} is not finite; lower `step` or "
                                          "raise `ridge`")
@@ -425,16 +467,19 @@ def compute_lifelong(
                     if round_index < rounds - 1:
                         add_to_weight(adapter, layer, update.dense())
     with timer.phase("solve"):
-        factors = {layer: LowRankUpdate(torch.cat([u.u for u in ups], 1), torch.cat([u.v for u in ups], 1))
-                   for layer, ups in parts.items()}
+        factors: dict[int, Tensor | LowRankUpdate] = {
+            layer: LowRankUpdate(torch.cat([u.u for u in ups], 1), torch.cat([u.v for u in ups], 1))
+            if solve == "batch" else torch.stack([u.dense() for u in ups]).sum(0)  # dense changes of the total
+            for layer, ups in parts.items()}
         delta = EditDelta.from_model(
             model, factors, method="lifelong",
             hparams={**hparams.to_dict(), "step": step, "ridge": ridge, "grad_scaling": scaling,
-                     "preserve_weight": preserve_weight, "positions": positions, "rounds": rounds,
+                     "preserve_weight": preserve_weight, "positions": positions, "rounds": rounds, "solve": solve,
                      "previous_edits": history.num_edits if history is not None else 0},
             request_ids=[r.case_id for r in requests], tokenizer=tokenizer,
         )
     if extras is not None:
         extras.update(batch_sums)
+        extras.update(rows)
     timer.add_to(timings)
     return delta

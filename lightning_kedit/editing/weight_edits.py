@@ -30,6 +30,11 @@ def temporary_updates(adapter: ModelAdapter, layers: Sequence[int]) -> Iterator[
                 adapter.weight(layer).copy_(weight)
 
 
+def current_weight(adapter: ModelAdapter, layer: int) -> torch.Tensor:
+    """The ``out x in`` weight of ``layer`` as float64 on the CPU (gathered whole when sharded)."""
+    return adapter.from_stored_layout(full_weight(adapter.weight(layer))).detach().to("cpu", torch.float64)
+
+
 def add_to_weight(adapter: ModelAdapter, layer: int, delta: torch.Tensor) -> None:
     """``W_l += delta`` (``out x in``, any dtype), computed in float64 and cast to the weight's dtype.
 
