@@ -215,8 +215,8 @@ def lifelong_factors(keys: Tensor, grads: Tensor, key_scale: Tensor, grad_scale:
 
 def _cumulative_change(keys: Tensor, grads: Tensor, key_scale: Tensor, grad_scale: Tensor,
                        memory: tuple[Tensor, Tensor], offset: Tensor, step: float, ridge: float,
-                       preserve: Tensor | None, record: dict[str, Tensor] | None, layer: int) -> LowRankUpdate:
-    """One round of the cumulative solve at ``layer``: the change of the total update (eq. 3), as factors.
+                       preserve: Tensor | None, record: dict[str, Tensor] | None, layer: int) -> Tensor:
+    """One round of the cumulative solve at ``layer``: the dense change of the total update (eq. 3).
 
     The batch's rows ask each key for what the layer gives it now plus the value step:
     ``r = (W − W₀) k + v*``, ``v* = −η ĝ`` (``offset`` is ``W − W₀``); ``record`` receives them.
@@ -226,11 +226,7 @@ def _cumulative_change(keys: Tensor, grads: Tensor, key_scale: Tensor, grad_scal
                              ridge=ridge, preserve=preserve)
     if record is not None:
         record.update(row_tensors(layer, keys, targets))
-    change = total - offset
-    # ΔW = U Vᵀ with the identity on the smaller side: (d_v + d_k) min(d_v, d_k) numbers for a dense change.
-    if change.shape[0] <= change.shape[1]:
-        return LowRankUpdate(torch.eye(change.shape[0], dtype=change.dtype), change.T)
-    return LowRankUpdate(change, torch.eye(change.shape[1], dtype=change.dtype))
+    return total - offset
 
 
 def _answer_rows(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> tuple[list[int], int, int]:
@@ -429,7 +425,8 @@ def compute_lifelong(
     preserves = {layer: preserve_weight * scaled_second_moment(statistics, layer, hparams.lambda_relative)
                  for layer in layers} if preserve_weight > 0 else {}
     running = {layer: running_sums(history, layer, adapter.key_size, adapter.value_size) for layer in layers}
-    parts: dict[int, list[LowRankUpdate]] = {layer: [] for layer in layers}
+    parts: dict[int, list[LowRankUpdate]] = {layer: [] for layer in layers}  # the batch solve's factors per round
+    changes: dict[int, list[Tensor]] = {layer: [] for layer in layers}  # the cumulative solve's dense changes
     batch_sums: dict[str, Tensor] = {}
     rows: dict[str, Tensor] = {}  # the cumulative solve's rows of this batch (its last round)
     # Round r reads the features of the model with rounds 1..r−1 added (restored afterwards): a few closed-form
@@ -451,26 +448,29 @@ def compute_lifelong(
                     if scaling == "global":  # one scale for every gradient feature: the step keeps its direction
                         grad_scale = (grad_scale**2).mean().sqrt().expand_as(grad_scale)
                     if solve == "cumulative":
-                        update = _cumulative_change(features.keys[layer], features.grads[layer], key_sums.rms(),
+                        change = _cumulative_change(features.keys[layer], features.grads[layer], key_sums.rms(),
                                                     grad_scale, memory[layer], offsets[layer], step / len(layers),
                                                     ridge, preserves.get(layer), rows if round_index == rounds - 1
                                                     else None, layer)
-                        offsets[layer] = offsets[layer] + update.dense()
+                        finite = bool(torch.isfinite(change).all())
+                        offsets[layer] = offsets[layer] + change
+                        changes[layer].append(change)
                     else:
                         update = lifelong_factors(features.keys[layer], features.grads[layer], key_sums.rms(),
                                                   grad_scale, step=step / len(layers), ridge=ridge,
                                                   preserve=preserves.get(layer))
-                    if not (torch.isfinite(update.u).all() and torch.isfinite(update.v).all()):
+                        finite = bool(torch.isfinite(update.u).all() and torch.isfinite(update.v).all())
+                        parts[layer].append(update)
+                    if not finite:
                         raise KeditError(f"the lifelong update of layer {layer} is not finite; lower `step` or "
                                          "raise `ridge`")
-                    parts[layer].append(update)
                     if round_index < rounds - 1:
-                        add_to_weight(adapter, layer, update.dense())
+                        add_to_weight(adapter, layer, change if solve == "cumulative" else update.dense())
     with timer.phase("solve"):
         factors: dict[int, Tensor | LowRankUpdate] = {
-            layer: LowRankUpdate(torch.cat([u.u for u in ups], 1), torch.cat([u.v for u in ups], 1))
-            if solve == "batch" else torch.stack([u.dense() for u in ups]).sum(0)  # dense changes of the total
-            for layer, ups in parts.items()}
+            layer: LowRankUpdate(torch.cat([u.u for u in parts[layer]], 1), torch.cat([u.v for u in parts[layer]], 1))
+            if solve == "batch" else torch.stack(changes[layer]).sum(0)  # the dense changes of the total
+            for layer in layers}
         delta = EditDelta.from_model(
             model, factors, method="lifelong",
             hparams={**hparams.to_dict(), "step": step, "ridge": ridge, "grad_scaling": scaling,
