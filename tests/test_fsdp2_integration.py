@@ -1,4 +1,4 @@
-"""SmolLM2 sharded with FSDP2 over 2 CPU processes (gloo): 5 real CounterFact facts edited as on one process."""
+"""SmolLM2 sharded with FSDP2 over 2 CPU processes (gloo): 3 real CounterFact facts edited as on one process."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _setup(requests_path: str):
     # blocks); the unsharded reference must too, also on a CPU with native bfloat16 where it is on by default.
     hparams = EditHyperParams.for_model(model, "memit").replace(v_bfloat16=False)
     statistics = resolve_statistics(model, tokenizer, hparams.layers)  # the cached statistics of the corpus
-    return model, tokenizer, hparams, statistics, load_requests(requests_path, n=5)
+    return model, tokenizer, hparams, statistics, load_requests(requests_path, n=3)
 
 
 def _whole(model, layers) -> dict[int, torch.Tensor]:
