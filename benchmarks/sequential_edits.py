@@ -174,6 +174,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 axis.plot(*zip(*points, strict=True), label=method, **style)
         axis.set_title(name)
         axis.set_xlabel("edits")
+        counts = [r["edits"] for r in rows]
+        if max(counts) >= 20 * min(counts):  # 100 to 10,000 edits: a log axis keeps the early points apart
+            axis.set_xscale("log")
     for axis in axes:
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize="small")
