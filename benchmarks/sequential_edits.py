@@ -187,7 +187,14 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def merge(paths: list[str], out: Path) -> None:
     """One JSON and one plot from several runs (e.g. one method per run, measured one after another)."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    rows = [row for run in runs for row in run["rows"]]
+    # A method measured in more than one run (e.g. under two settings) is named by its file in each.
+    owners: dict[str, set[str]] = {}
+    for path, run in zip(paths, runs, strict=True):
+        for entry in run["rows"]:
+            owners.setdefault(entry["method"], set()).add(path)
+    rows = [{**entry, "method": f"{entry['method']} ({Path(path).stem})"} if len(owners[entry["method"]]) > 1
+            and entry["method"] != "unedited" else entry for path, run in zip(paths, runs, strict=True)
+            for entry in run["rows"]]
     out.write_text(json.dumps({"runs": [{"file": Path(p).name, "setup": r["setup"]} for p, r in zip(paths, runs,
                                                                                                   strict=True)],
                                "rows": rows}, indent=1))
