@@ -177,10 +177,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         counts = [r["edits"] for r in rows]
         if max(counts) >= 20 * min(counts):  # 100 to 10,000 edits: a log axis keeps the early points apart
             axis.set_xscale("log")
+    legend: dict[str, Any] = {}  # one legend under the panels: per-panel ones hide the curves
     for axis in axes:
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize="small")
-    fig.tight_layout()
+        for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    columns = min(len(legend), 4) or 1
+    rows_of_legend = -(-len(legend) // columns)
+    fig.set_size_inches(4 * len(names), 3.2 + 0.25 * rows_of_legend)
+    fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=columns, fontsize="small")
+    fig.tight_layout(rect=(0, 0.08 * rows_of_legend, 1, 1))
     fig.savefig(path, dpi=100)
 
 
