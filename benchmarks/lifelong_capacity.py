@@ -60,24 +60,18 @@ def text_subspace(second_moment: Tensor, share: float = 0.99) -> Tensor:
     return vectors[:, :rank]
 
 
-def layer_measures(keys: Tensor, targets: Tensor, first: int, change: Tensor, weight: Tensor,
+def layer_measures(keys: Tensor, targets: Tensor, first: int, change: Tensor, text_energy: Tensor,
                    second_moment: Tensor, basis: Tensor) -> dict[str, float]:
-    """The measures of the module docstring for one layer (all arguments float64)."""
+    """The measures of the module docstring for one layer (tensors float64; ``text_energy`` is
+    ``tr(W₀ C W₀ᵀ)``)."""
     return {
         "fit": relative_miss(keys, targets, change),
         "fit_first": relative_miss(keys[:first], targets[:first], change),
         "ceiling": relative_miss(keys, targets, least_squares(keys, targets)),
-        "text_change": float(torch.trace(change @ second_moment @ change.T)
-                             / torch.trace(weight @ second_moment @ weight.T)),
+        "text_change": float(torch.trace(change @ second_moment @ change.T) / text_energy),
         "keys_in_text": float((keys @ basis).norm() ** 2 / keys.norm() ** 2),
         "text_dims": basis.shape[1],
     }
-
-
-def as_matrix(weight: Tensor, adapter: ModelAdapter) -> Tensor:
-    """A stored-layout weight as the float64 ``d_v × d_k`` map of the update equations."""
-    weight = weight.to(torch.float64)
-    return weight if weight.shape == (adapter.value_size, adapter.key_size) else weight.T
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,21 +93,24 @@ def main(argv: list[str] | None = None) -> None:
     if not checkpoints:
         raise SystemExit(f"--at {args.at}: the history holds {len(history)} batches")
     statistics = resolve_statistics(model, tokenizer, layers)  # of the unedited model: the history's W₀
-    first_weights = {layer: as_matrix(w, adapter) for layer, w in history.weights_after(0).items()}
+    # The d_v × d_k maps of the update equations, from the stored layout (transposed for Conv1D).
+    first_weights = {layer: adapter.from_stored_layout(w).to(torch.float64)
+                     for layer, w in history.weights_after(0).items()}
     moments = {layer: statistics.second_moment(layer).to(torch.float64) for layer in layers}
     bases = {layer: text_subspace(moments[layer]) for layer in layers}
+    text_energy = {layer: torch.trace(w @ moments[layer] @ w.T) for layer, w in first_weights.items()}
     rows: list[dict[str, Any]] = []
     print(" | ".join(COLUMNS))
     for batches in checkpoints:
         weights = history.weights_after(batches)
+        extras = [history[i].extras for i in range(batches)]
         per_layer = {}
         for layer in layers:
-            extras = [history[i].extras for i in range(batches)]
             keys = torch.cat([e[f"layers.{layer}.rows.key"] for e in extras]).to(torch.float64)
             targets = torch.cat([e[f"layers.{layer}.rows.target"] for e in extras]).to(torch.float64)
-            change = as_matrix(weights[layer], adapter) - first_weights[layer]
+            change = adapter.from_stored_layout(weights[layer]).to(torch.float64) - first_weights[layer]
             per_layer[layer] = layer_measures(keys, targets, extras[0][f"layers.{layer}.rows.key"].shape[0],
-                                              change, first_weights[layer], moments[layer], bases[layer])
+                                              change, text_energy[layer], moments[layer], bases[layer])
         mean = {name: sum(m[name] for m in per_layer.values()) / len(per_layer)
                 for name in ("fit", "fit_first", "ceiling", "text_change", "keys_in_text", "text_dims")}
         rows.append({"batches": batches, "rows": int(keys.shape[0]), **{k: round(v, 4) for k, v in mean.items()},

@@ -161,6 +161,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         return
     names = ("efficacy", "paraphrase", "neighborhood", "score", "perplexity")
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2))
+    counts = [r["edits"] for r in rows]
+    log_axis = max(counts) >= 20 * min(counts)  # 100 to 10,000 edits: a log axis keeps the early points apart
     for axis, name in zip(axes, names, strict=True):
         for method in dict.fromkeys(r["method"] for r in rows):
             points = [(r["edits"], r[name]) for r in rows if r["method"] == method]
@@ -174,8 +176,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
                 axis.plot(*zip(*points, strict=True), label=method, **style)
         axis.set_title(name)
         axis.set_xlabel("edits")
-        counts = [r["edits"] for r in rows]
-        if max(counts) >= 20 * min(counts):  # 100 to 10,000 edits: a log axis keeps the early points apart
+        if log_axis:
             axis.set_xscale("log")
     legend: dict[str, Any] = {}  # one legend under the panels: per-panel ones hide the curves
     for axis in axes:
