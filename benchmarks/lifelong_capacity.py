@@ -17,8 +17,8 @@ weights ``W₀``) of batches ``1..b`` and the total change ``ΔW = W_b − W₀`
 
 The sums and solves are float64. Reported per layer in the JSON and as the mean over layers in the table.
 
-Run (the numbers of docs/benchmarks/sequential.md):
-    python benchmarks/lifelong_capacity.py --history /work/seqcum/lifelong --at 1,10,30,100 \\
+Run (the numbers of docs/benchmarks/sequential.md; ``D`` is the ``--history-dir`` of the sequence):
+    python benchmarks/lifelong_capacity.py --history D/lifelong --at 1,10,30,100 \\
         --out benchmarks/results/lifelong_capacity.json
 """
 
